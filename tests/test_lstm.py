@@ -1,0 +1,99 @@
+"""fastlm.lstm.LSTM against nn.LSTM with copied weights, in float64."""
+import pytest
+import torch
+from torch import nn
+
+from fastlm.lstm import LSTM, resolve_backend
+from helpers import assert_rel_close
+
+TOL = 1e-10
+SHAPES = [  # (B, T, E, H, L)
+    pytest.param(1, 1, 3, 4, 1, id="B1-T1"),
+    pytest.param(5, 7, 24, 40, 1, id="B5-T7-E24-H40"),
+    pytest.param(3, 4, 6, 5, 3, id="3-layers"),
+]
+
+
+def _run(module, x, state, upstream):
+    """Forward, then one loss over (out, hN, cN) with fixed random upstream gradients."""
+    x = x.clone().requires_grad_()
+    h0, c0 = (s.clone().requires_grad_() for s in state)
+    out, (hn, cn) = module(x, (h0, c0))
+    loss = sum((t * g).sum() for t, g in zip((out, hn, cn), upstream))
+    loss.backward()
+    grads = {"x": x.grad, "h0": h0.grad, "c0": c0.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return (out, hn, cn), grads
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("B, T, E, H, L", SHAPES)
+def test_backend_matches_nn_lstm_float64(backend, batch_first, B, T, E, H, L):
+    ours = LSTM(E, H, L, batch_first=batch_first, backend=backend).double()
+    theirs = nn.LSTM(E, H, L, batch_first=batch_first).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn((B, T, E) if batch_first else (T, B, E), dtype=torch.float64)
+    state = (torch.randn(L, B, H, dtype=torch.float64), torch.randn(L, B, H, dtype=torch.float64))
+    out_shape = (B, T, H) if batch_first else (T, B, H)
+    upstream = [torch.randn(out_shape, dtype=torch.float64)] + [torch.randn(L, B, H, dtype=torch.float64)] * 2
+
+    got, got_grads = _run(ours, x, state, upstream)
+    want, want_grads = _run(theirs, x, state, upstream)
+    for name, a, b in zip(("out", "hN", "cN"), got, want):
+        assert_rel_close(a, b, TOL, name)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert_rel_close(got_grads[name], want_grads[name], TOL, f"grad {name}")
+
+
+def test_default_state_is_zeros():
+    lstm = LSTM(3, 4, backend="reference").double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    zeros = torch.zeros(1, 2, 4, dtype=torch.float64)
+    out_default, _ = lstm(x)
+    out_zeros, _ = lstm(x, (zeros, zeros))
+    assert torch.equal(out_default, out_zeros)
+
+
+def test_parameters_are_nn_lstm_parameters():
+    torch.manual_seed(3)
+    ours = LSTM(6, 5, 2)
+    torch.manual_seed(3)
+    theirs = nn.LSTM(6, 5, 2, batch_first=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), f"{name}: different initialisation"
+    assert isinstance(ours, nn.LSTM)
+
+
+def test_auto_backend_is_torch_on_cpu():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("reference", "cpu") == "reference"
+
+
+@pytest.mark.parametrize(
+    "make, call, message",
+    [
+        pytest.param(lambda: LSTM(3, 4, backend="cudnn"), None, "unknown LSTM backend 'cudnn'", id="unknown-backend"),
+        pytest.param(lambda: LSTM(3, 0), None, "hidden_size must be a positive integer", id="hidden-0"),
+        pytest.param(lambda: LSTM(3, 4), lambda m: m(torch.randn(2, 3)), "3-D tensor", id="rank-2-input"),
+        pytest.param(lambda: LSTM(3, 4), lambda m: m(torch.randn(2, 5, 7)), "feature size 7", id="wrong-feature-size"),
+        pytest.param(
+            lambda: LSTM(3, 4),
+            lambda m: m(torch.randn(2, 5, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))),
+            r"h0 must have shape \(num_layers, batch, hidden_size\) = \(1, 2, 4\), got \(1, 3, 4\)",
+            id="wrong-state-shape",
+        ),
+        pytest.param(
+            lambda: LSTM(3, 4),
+            lambda m: m(torch.randn(2, 5, 3), torch.zeros(1, 2, 4)),
+            "must be a pair",
+            id="state-not-a-pair",
+        ),
+    ],
+)
+def test_bad_input_raises_value_error(make, call, message):
+    with pytest.raises(ValueError, match=message):
+        module = make()
+        call(module)

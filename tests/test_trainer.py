@@ -1,0 +1,162 @@
+"""Training: learning, exact resume, stopping, and the one-line errors of the entry points."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from fastlm import trainer
+from fastlm.checkpoint import load_checkpoint
+from fastlm.cli import run_main
+from fastlm.data import Corpus, Dictionary, batchify
+from fastlm.evaluate import main as evaluate_main
+from fastlm.model import RNNLM
+from fastlm.train import main as train_main
+from fastlm.trainer import DivergedError, TrainConfig, evaluate, train
+from helpers import assert_rel_close
+
+
+def tiny(corpus_dir, out, **changes) -> TrainConfig:
+    cfg = TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
+                      lr=0.01, log_interval=1, eval_batch_size=3, out=str(out), device="cpu")
+    return replace(cfg, **changes)
+
+
+def test_training_learns_the_corpus(corpus_dir, tmp_path):
+    result = train(tiny(corpus_dir, tmp_path / "run", epochs=3))
+    vocab_size = len(Corpus(corpus_dir).dictionary)
+    assert math.log(result.valid_ppl) < 0.5 * math.log(vocab_size), "validation loss not well below ln V"
+    assert sum(result.train_losses[-20:]) / 20 < 0.5 * sum(result.train_losses[:5]) / 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "valid", "test"}
+    assert [r["epoch"] for r in records if r["split"] == "valid"] == [1, 2, 3]
+    assert result.test_ppl is not None and result.best_test_ppl is not None
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path):
+    # Epochs of 129 steps: the split at 150 steps lands inside the second epoch, the end in the third.
+    straight = train(tiny(corpus_dir, tmp_path / "straight", epochs=3, max_steps=300))
+    first = train(tiny(corpus_dir, tmp_path / "split", epochs=3, max_steps=150))
+    ckpt = load_checkpoint(tmp_path / "split")
+    assert (ckpt["global_step"], ckpt["epoch"]) == (150, 1) and ckpt["state"] is not None
+    second = train(TrainConfig(), resume=str(tmp_path / "split"), overrides={"max_steps": 300})
+    assert second.global_step == 300
+    assert first.train_losses + second.train_losses == straight.train_losses
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(corpus_dir, tmp_path):
+    train(tiny(corpus_dir, tmp_path / "run", max_steps=7))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "config", "vocab", "epoch", "step", "global_step", "state", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 7 and ckpt["vocab"] == Corpus(corpus_dir).dictionary.idx2word
+    assert ckpt["state"][0].shape == (1, 4, 32)
+
+
+def test_evaluate_carries_the_state_like_one_pass_over_each_row(corpus_dir):
+    corpus = Corpus(corpus_dir)
+    model = RNNLM(len(corpus.dictionary), 8, 16).double()
+    rows = batchify(corpus.valid, 3)
+    # Reference: nn.LSTM over each whole row at once, float64, loss computed by hand.
+    classic = nn.LSTM(8, 16, batch_first=True).double()
+    classic.load_state_dict(model.lstm.state_dict())
+    with torch.no_grad():
+        out, _ = classic(model.embed(rows[:, :-1]))
+        log_probs = torch.log_softmax(model.linear(out), dim=-1)
+        expected = -log_probs.gather(-1, rows[:, 1:, None]).mean().item()
+    assert abs(evaluate(model, rows, seq_len=7) - expected) < 1e-10
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    cfg = tiny(corpus_dir, tmp_path / "run", epochs=2)
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * math.nan if calls["n"] == 200 else loss  # in the second epoch
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    with pytest.raises(DivergedError, match="training loss became nan.*keeps the last good state"):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
+
+
+def _cli(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    return exit_info.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param(["--seq-len", "5000"], "seq_len 5000 is too long for rows of", id="seq-len-too-long"),
+        pytest.param(["--batch-size", "0"], "--batch-size must be a positive integer, got 0", id="batch-size-0"),
+        pytest.param(["--backend", "cudnn"], "unknown LSTM backend 'cudnn'", id="unknown-backend"),
+        pytest.param(["--device", "tpu"], "unknown device 'tpu'", id="unknown-device"),
+    ],
+)
+def test_train_bad_input_is_one_line_and_exit_2(corpus_dir, tmp_path, capsys, extra, message):
+    code, out = _cli(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "run"), *extra], capsys)
+    assert code == 2
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1 and message in out.err
+
+
+def test_train_missing_and_empty_data(tmp_path, capsys):
+    code, out = _cli(train_main, ["--data", str(tmp_path / "none")], capsys)
+    assert code == 2 and "lacks train.txt, valid.txt, test.txt" in out.err
+    (tmp_path / "empty").mkdir()
+    for split in ("train", "valid", "test"):
+        (tmp_path / "empty" / f"{split}.txt").write_text("")
+    code, out = _cli(train_main, ["--data", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "train.txt is empty" in out.err
+
+
+def test_resume_refuses_to_change_the_model(corpus_dir, tmp_path, capsys):
+    train(tiny(corpus_dir, tmp_path / "run", max_steps=3))
+    code, out = _cli(train_main, ["--resume", str(tmp_path / "run"), "--hidden-size", "64"], capsys)
+    assert code == 2 and "--hidden-size 64 differs from the checkpoint's 32" in out.err
+
+
+def test_train_then_evaluate_from_the_command_line(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--data", str(corpus_dir), "--out", str(run), "--embed-size", "16", "--hidden-size", "32",
+            "--epochs", "1", "--batch-size", "4", "--seq-len", "5", "--log-interval", "50", "--device", "cpu"]
+    code, out = _cli(train_main, argv, capsys)
+    assert code == 0
+    assert "Epoch [1/1], Step[50/129], Loss: " in out.out and "Test perplexity (last weights" in out.out
+    code, out = _cli(evaluate_main, ["--checkpoint", str(run), "--split", "test", "--device", "cpu"], capsys)
+    assert code == 0 and out.out.startswith("test perplexity: ")
+    test_ppl = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-2]["ppl"]
+    assert f"{test_ppl:.2f}" in out.out
+    code, out = _cli(evaluate_main, ["--checkpoint", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no checkpoint at" in out.err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--data", str(corpus_dir), "--out", str(run), "--embed-size", "16", "--hidden-size", "32",
+            "--epochs", "1000", "--batch-size", "4", "--seq-len", "5", "--log-interval", "10", "--device", "cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastlm.train", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ckpt = load_checkpoint(run)
+    assert ckpt["global_step"] >= 10
+    resumed = train(TrainConfig(), resume=str(run), overrides={"max_steps": ckpt["global_step"] + 5})
+    assert resumed.global_step == ckpt["global_step"] + 5
