@@ -49,3 +49,18 @@ def ptb_dir() -> Path:
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every floating tensor made by torch.empty from Python starts as NaN, so an output element a
+    kernel forgets to write shows up as NaN instead of as leftover memory that happens to be right."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

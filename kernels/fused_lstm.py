@@ -1,0 +1,367 @@
+"""A fused LSTM layer in Triton: one kernel launch per time step, forward and backward.
+
+Legend of dimension letters
+    B   batch rows                     T   time steps
+    E   input features                 H   hidden units
+    G   gate rows, 4H: the blocks i, f, g, o of nn.LSTM's weights (row gate·H + unit)
+    BLOCK_B, BLOCK_N, BLOCK_K   rows, hidden units and reduction chunk of one program
+
+What is fused, and what is left to cuBLAS
+    Before the loop, one matmul projects every input step:    XP = x W_ihᵀ + b_ih + b_hh     (B, T, G)
+    After the loop, the weight gradients are large matmuls:   dW_hh = Σ_t dG_tᵀ h_{t−1},  dW_ih = dGᵀ x,
+                                                              db = Σ dG,  dx = dG W_ih,  dh_0 = dG_0 W_hh
+    Only the recurrence runs step by step, in the two kernels below.
+
+Forward step (one launch per t). A program owns BLOCK_N hidden units and *all four gates* of
+them, so the four pre-activations of a unit meet in registers and the cell update needs no second
+pass:  G_t = XP_t + h_{t−1} W_hhᵀ;  c_t = σ(G_f)·c_{t−1} + σ(G_i)·tanh(G_g);  h_t = σ(G_o)·tanh(c_t).
+
+Backward step (one launch per t, t = T−1 … 0). A program owns BLOCK_N hidden units and computes
+    dh_t = ∂L/∂out_t + dG_{t+1} W_hh            (the recurrent product, reduced over all G rows)
+and then, as the *epilogue* of that product, the gate gradients dG_t of its own units and the
+carried dc_{t−1}. The issue's sketch puts the gate gradients in the *prologue* of dG_t W_hh
+instead, where each program recomputes the pointwise part of every G row it reduces over: with
+H / BLOCK_N programs that reads the saved activations H / BLOCK_N times per step (16× at H = 1024,
+~10 MB of extra L2 traffic per step next to the 8.4 MB of W_hh). In the epilogue every program
+already holds the finished dh_t of exactly the units whose gates it differentiates, so each saved
+activation is read once and each dG_t element written once, in the same single launch per step.
+(Reasoned from the byte count; no GPU was available to time both.)
+
+Numerics. Gate math and c are fp32 whatever the input dtype; bf16/fp16 operands go to `tl.dot`
+as they are (tensor cores), accumulating in fp32. tanh is written through the sigmoid,
+tanh(x) = 2σ(2x) − 1: libdevice's tanh fails under the interpreter and (1−e^{−2x})/(1+e^{−2x})
+gives inf/inf = NaN for large |x|. Under TRITON_INTERPRET=1, `tl.dot` on bfloat16 multiplies the
+raw bit patterns (triton-lang/triton#11584), so the launchers set DOT_FP32 to upcast bf16 dot
+operands to fp32 there; compiled GPU code keeps bf16 on the tensor cores.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+# -- forward -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lstm_fwd_step(
+    xp_ptr, stride_xp,  # (B, G) input projection of step t, biases included
+    h_prev_ptr, stride_h_prev,  # (B, H) h_{t−1}, in the compute dtype
+    c_prev_ptr, stride_c_prev,  # (B, H) c_{t−1}, fp32
+    w_hh_ptr,  # (G, H) W_hh, contiguous
+    h_ptr, stride_h,  # (B, H) out: h_t (a view of out[:, t])
+    c_ptr, stride_c,  # (B, H) out: c_t, fp32
+    act_ptr, stride_act,  # (B, G) out: i, f, g, o after their nonlinearity, fp32, for backward
+    B, H,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    unit_ok = units < H
+
+    # G_t[:, gate·H + units] = h_{t−1} W_hh[gate·H + units, :]ᵀ for the four gates at once.
+    acc_i = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    gate_stride = H * H  # rows gate·H … gate·H + H − 1 of W_hh
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(h_prev_ptr + rows[:, None] * stride_h_prev + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # W_hh rows of our units, seen transposed as a (BLOCK_K, BLOCK_N) tile.
+        w_tile = w_hh_ptr + units[None, :] * H + ks[:, None]
+        w_ok = k_ok[:, None] & unit_ok[None, :]
+        w_i = tl.load(w_tile, mask=w_ok, other=0.0)
+        w_f = tl.load(w_tile + gate_stride, mask=w_ok, other=0.0)
+        w_g = tl.load(w_tile + 2 * gate_stride, mask=w_ok, other=0.0)
+        w_o = tl.load(w_tile + 3 * gate_stride, mask=w_ok, other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w_i, w_f, w_g, w_o = w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
+        acc_i = tl.dot(h, w_i, acc_i, input_precision=INPUT_PRECISION)
+        acc_f = tl.dot(h, w_f, acc_f, input_precision=INPUT_PRECISION)
+        acc_g = tl.dot(h, w_g, acc_g, input_precision=INPUT_PRECISION)
+        acc_o = tl.dot(h, w_o, acc_o, input_precision=INPUT_PRECISION)
+
+    ok = row_ok[:, None] & unit_ok[None, :]
+    xp = xp_ptr + rows[:, None] * stride_xp + units[None, :]
+    i = _sigmoid(acc_i + tl.load(xp, mask=ok, other=0.0).to(tl.float32))
+    f = _sigmoid(acc_f + tl.load(xp + H, mask=ok, other=0.0).to(tl.float32))
+    g = _tanh(acc_g + tl.load(xp + 2 * H, mask=ok, other=0.0).to(tl.float32))
+    o = _sigmoid(acc_o + tl.load(xp + 3 * H, mask=ok, other=0.0).to(tl.float32))
+    c_prev = tl.load(c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :], mask=ok, other=0.0)
+    c = f * c_prev + i * g
+    h = o * _tanh(c)
+
+    tl.store(h_ptr + rows[:, None] * stride_h + units[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
+    tl.store(c_ptr + rows[:, None] * stride_c + units[None, :], c, mask=ok)
+    act = act_ptr + rows[:, None] * stride_act + units[None, :]
+    tl.store(act, i, mask=ok)
+    tl.store(act + H, f, mask=ok)
+    tl.store(act + 2 * H, g, mask=ok)
+    tl.store(act + 3 * H, o, mask=ok)
+
+
+# -- backward ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lstm_bwd_step(
+    dg_next_ptr, stride_dg_next,  # (B, G) dG_{t+1}; unused when HAS_NEXT is False (t = T − 1)
+    w_hh_ptr,  # (G, H) W_hh, contiguous
+    dout_ptr, stride_dout,  # (B, H) ∂L/∂out_t (∂L/∂h_N already added at t = T − 1)
+    dc_ptr, stride_dc,  # (B, H) fp32, in: ∂L/∂c_t from later steps; out: ∂L/∂c_{t−1}
+    act_ptr, stride_act,  # (B, G) fp32 i, f, g, o of step t
+    c_ptr, stride_c,  # (B, H) fp32 c_t
+    c_prev_ptr, stride_c_prev,  # (B, H) fp32 c_{t−1}
+    dg_ptr, stride_dg,  # (B, G) out: dG_t, in the compute dtype
+    B, H,
+    HAS_NEXT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    unit_ok = units < H
+    ok = row_ok[:, None] & unit_ok[None, :]
+
+    # dh_t = ∂L/∂out_t + Σ_k dG_{t+1}[:, k] · W_hh[k, units]   (k over all 4H gate rows)
+    dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if HAS_NEXT:
+        for k0 in range(0, 4 * H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < 4 * H
+            dg_next = tl.load(dg_next_ptr + rows[:, None] * stride_dg_next + ks[None, :],
+                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+            if DOT_FP32:
+                dg_next, w = dg_next.to(tl.float32), w.to(tl.float32)
+            dh = tl.dot(dg_next, w, dh, input_precision=INPUT_PRECISION)
+    dh += tl.load(dout_ptr + rows[:, None] * stride_dout + units[None, :], mask=ok, other=0.0).to(tl.float32)
+
+    act = act_ptr + rows[:, None] * stride_act + units[None, :]
+    i = tl.load(act, mask=ok, other=0.0)
+    f = tl.load(act + H, mask=ok, other=0.0)
+    g = tl.load(act + 2 * H, mask=ok, other=0.0)
+    o = tl.load(act + 3 * H, mask=ok, other=0.0)
+    c = tl.load(c_ptr + rows[:, None] * stride_c + units[None, :], mask=ok, other=0.0)
+    c_prev = tl.load(c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :], mask=ok, other=0.0)
+    dc = tl.load(dc_ptr + rows[:, None] * stride_dc + units[None, :], mask=ok, other=0.0)
+
+    tanh_c = _tanh(c)
+    # h_t = o ⊙ tanh(c_t):   ∂L/∂G_o = dh ⊙ tanh(c_t) ⊙ o(1 − o)
+    dg_o = dh * tanh_c * o * (1.0 - o)
+    # ∂L/∂c_t = (carried from c_{t+1}) + dh ⊙ o ⊙ (1 − tanh²(c_t))
+    dc += dh * o * (1.0 - tanh_c * tanh_c)
+    # c_t = f ⊙ c_{t−1} + i ⊙ g:   ∂L/∂G_i = dc ⊙ g ⊙ i(1 − i)
+    dg_i = dc * g * i * (1.0 - i)
+    # ∂L/∂G_f = dc ⊙ c_{t−1} ⊙ f(1 − f)
+    dg_f = dc * c_prev * f * (1.0 - f)
+    # ∂L/∂G_g = dc ⊙ i ⊙ (1 − g²)
+    dg_g = dc * i * (1.0 - g * g)
+    # ∂L/∂c_{t−1} = dc ⊙ f   (each (row, unit) is read and written by this program only: in place is safe)
+    dc_prev = dc * f
+
+    dg = dg_ptr + rows[:, None] * stride_dg + units[None, :]
+    out_ty = dg_ptr.dtype.element_ty
+    tl.store(dg, dg_i.to(out_ty), mask=ok)
+    tl.store(dg + H, dg_f.to(out_ty), mask=ok)
+    tl.store(dg + 2 * H, dg_g.to(out_ty), mask=ok)
+    tl.store(dg + 3 * H, dg_o.to(out_ty), mask=ok)
+    tl.store(dc_ptr + rows[:, None] * stride_dc + units[None, :], dc_prev, mask=ok)
+
+
+# -- host launchers ------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    block_b: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def step_config(batch: int, hidden: int, dtype: torch.dtype) -> StepConfig:
+    """The block sizes of both step kernels: the one place they are chosen.
+
+    tl.dot needs every tile side ≥ 16. Few hidden units per program (16 up to H = 1024) give the
+    most programs, and the step is bound by streaming W_hh from L2 into as many SMs as possible.
+    """
+    block_b = 16 if batch <= 16 else 32 if batch <= 32 else 64
+    block_n = 16 if hidden <= 1024 else 32
+    block_k = 32 if dtype == torch.float32 else 64
+    return StepConfig(block_b, block_n, block_k, num_warps=4, num_stages=3)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    return {
+        "DOT_FP32": interpreting() and dtype == torch.bfloat16,
+        # fp32 operands: IEEE products, so float32 matches nn.LSTM to ~1e-6 (tf32 would give ~1e-3).
+        "INPUT_PRECISION": "ieee",
+    }
+
+
+def _grid(cfg: StepConfig, batch: int, hidden: int) -> tuple[int, int]:
+    return (triton.cdiv(hidden, cfg.block_n), triton.cdiv(batch, cfg.block_b))
+
+
+def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Forward of one layer. Returns out (B, T, H), c (T, B, H) fp32, act (T, B, G) fp32."""
+    B, T, _ = x.shape
+    H = h0.shape[1]
+    cfg = step_config(B, H, x.dtype)
+    x_proj = torch.addmm((bias_ih + bias_hh), x.reshape(B * T, -1), weight_ih.t()).view(B, T, 4 * H)
+    out = torch.empty(B, T, H, device=x.device, dtype=x.dtype)
+    c = torch.empty(T, B, H, device=x.device, dtype=torch.float32)
+    act = torch.empty(T, B, 4 * H, device=x.device, dtype=torch.float32)
+    h0, c0 = h0.contiguous(), c0.float().contiguous()
+    w_hh = weight_hh.contiguous()
+    grid = _grid(cfg, B, H)
+    for t in range(T):
+        h_prev = out[:, t - 1] if t > 0 else h0
+        c_prev = c[t - 1] if t > 0 else c0
+        _lstm_fwd_step[grid](
+            x_proj[:, t], x_proj.stride(0), h_prev, h_prev.stride(0), c_prev, c_prev.stride(0), w_hh,
+            out[:, t], out.stride(0), c[t], c.stride(1), act[t], act.stride(1), B, H,
+            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_kernel_flags(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, c, act
+
+
+def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act):
+    """Backward of one layer: the T step kernels in reverse, then the weight-gradient matmuls."""
+    B, T, _ = x.shape
+    H = h0.shape[1]
+    dtype = x.dtype
+    cfg = step_config(B, H, dtype)
+    d_gates = torch.empty(B, T, 4 * H, device=x.device, dtype=dtype)  # dG, rows (b, t) for the matmuls
+    d_out = d_out.contiguous()
+    dc = d_cn.float().clone().contiguous()
+    c0 = c0.float().contiguous()
+    w_hh = weight_hh.contiguous()
+    grid = _grid(cfg, B, H)
+    for t in reversed(range(T)):
+        last = t == T - 1
+        d_out_t = (d_out[:, t] + d_hn).contiguous() if last else d_out[:, t]
+        c_prev = c[t - 1] if t > 0 else c0
+        dg_next = d_gates[:, t if last else t + 1]  # not read when t = T − 1
+        _lstm_bwd_step[grid](
+            dg_next, d_gates.stride(0), w_hh, d_out_t, d_out_t.stride(0), dc, dc.stride(0),
+            act[t], act.stride(1), c[t], c.stride(1), c_prev, c_prev.stride(0),
+            d_gates[:, t], d_gates.stride(0), B, H,
+            HAS_NEXT=not last, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            **_kernel_flags(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    d_flat = d_gates.view(B * T, 4 * H)
+    h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1).reshape(B * T, H)
+    d_x = (d_flat @ weight_ih).view(B, T, -1)
+    d_h0 = d_gates[:, 0] @ weight_hh
+    d_weight_ih = d_flat.t() @ x.reshape(B * T, -1)
+    d_weight_hh = d_flat.t() @ h_prev
+    d_bias = d_flat.sum(0, dtype=torch.float32).to(dtype)
+    return d_x, d_h0, dc.to(dtype), d_weight_ih, d_weight_hh, d_bias
+
+
+# -- autograd ------------------------------------------------------------------------------------
+
+
+class FusedLSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        out, c, act = lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, out, c, act)
+        return out, out[:, -1].clone(), c[-1].to(x.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        x, h0, c0, weight_ih, weight_hh, out, c, act = ctx.saved_tensors
+        d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_bias = lstm_backward(
+            d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act
+        )
+        return d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_bias
+
+
+# -- public function -----------------------------------------------------------------------------
+
+
+def _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
+    named = {"x": x, "h0": h0, "c0": c0, "weight_ih": weight_ih, "weight_hh": weight_hh,
+             "bias_ih": bias_ih, "bias_hh": bias_hh}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"fused_lstm: {name} must be a tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"fused_lstm: x must be 3-D (B, T, E), got shape {tuple(x.shape)}")
+    B, T, E = x.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"fused_lstm: x needs at least one row and one time step, got shape {tuple(x.shape)}")
+    if weight_hh.dim() != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1]:
+        raise ValueError(f"fused_lstm: weight_hh must be (4H, H), got shape {tuple(weight_hh.shape)}")
+    H = weight_hh.shape[1]
+    expected = {"h0": (B, H), "c0": (B, H), "weight_ih": (4 * H, E), "bias_ih": (4 * H,), "bias_hh": (4 * H,)}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"fused_lstm: {name} must have shape {shape}, got {tuple(named[name].shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"fused_lstm: dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise ValueError(f"fused_lstm: {name} is {t.dtype} but x is {x.dtype}: pass every input in one dtype")
+        if t.device != x.device:
+            raise ValueError(f"fused_lstm: {name} is on {t.device} but x is on {x.device}")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"fused_lstm: inputs are on {x.device}; the Triton kernel runs on CUDA tensors "
+            "(or on the CPU with TRITON_INTERPRET=1 set before import)"
+        )
+
+
+def fused_lstm(
+    x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, batch-first, computed by the fused Triton step kernels; differentiable.
+
+    Args:
+        x: (B, T, E) inputs.
+        h0, c0: (B, H) initial state.
+        weight_ih: (4H, E), weight_hh: (4H, H), bias_ih, bias_hh: (4H,), nn.LSTM's layout, gates i, f, g, o.
+        All in one dtype (float32, bfloat16 or float16) on one CUDA device (or the CPU when interpreting).
+
+    Returns:
+        out (B, T, H): h_t of every step; hN, cN (B, H): the final state.
+    """
+    _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    return FusedLSTMFunction.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)

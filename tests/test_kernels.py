@@ -1,0 +1,168 @@
+"""The LSTM kernels: naive_lstm against nn.LSTM, fused_lstm against naive_lstm in float64.
+
+fused_lstm runs under TRITON_INTERPRET=1 (set in conftest.py before any kernel import).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO
+from fastlm.kernels import fused_lstm, naive_lstm
+from fastlm.kernels.fused_lstm import interpreting
+from fastlm.lstm import LSTM
+from helpers import TOLERANCE, assert_rel_close
+
+NAMES = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+SHAPES = [  # (B, T, E, H)
+    pytest.param(1, 1, 8, 16, id="B1-T1"),
+    pytest.param(5, 7, 24, 40, id="B5-T7-E24-H40"),
+    pytest.param(33, 3, 5, 70, id="B33-T3-E5-H70"),  # two row blocks, hidden split over blocks and chunks
+    pytest.param(2, 12, 16, 16, id="B2-T12-H16"),
+]
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def lstm_inputs(B, T, E, H, zero_state=False, scale=1.0):
+    """Fresh random inputs in nn.LSTM's layout and initialisation range."""
+    k = H ** -0.5
+    h0, c0 = (torch.zeros(B, H), torch.zeros(B, H)) if zero_state else (torch.randn(B, H), torch.randn(B, H))
+    return [scale * torch.randn(B, T, E), h0, c0] + [
+        scale * torch.empty(shape).uniform_(-k, k) for shape in ((4 * H, E), (4 * H, H), (4 * H,), (4 * H,))
+    ]
+
+
+def outputs_and_grads(fn, inputs, upstream):
+    """Run fn, back-propagate one loss over (out, hN, cN) with fixed upstream gradients."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    outputs = fn(*inputs)
+    loss = sum((o.double() * g).sum() for o, g in zip(outputs, upstream))
+    loss.backward()
+    return outputs, [t.grad for t in inputs]
+
+
+def compare(fn, inputs, tol):
+    """fn on `inputs` against naive_lstm in float64 on the same (already rounded) values."""
+    reference_inputs = [t.double() for t in inputs]
+    B, T, _ = inputs[0].shape
+    H = inputs[1].shape[1]
+    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64),
+                torch.randn(B, H, dtype=torch.float64)]
+    want, want_grads = outputs_and_grads(naive_lstm, reference_inputs, upstream)
+    got, got_grads = outputs_and_grads(fn, inputs, upstream)
+    for name, a, b in zip(("out", "hN", "cN"), got, want):
+        assert a.dtype == inputs[0].dtype, f"{name} came back as {a.dtype}"
+        assert_rel_close(a, b, tol, name)
+    for name, a, b in zip(NAMES, got_grads, want_grads):
+        assert_rel_close(a, b, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("B, T, E, H", SHAPES)
+def test_naive_lstm_matches_nn_lstm_float64(B, T, E, H):
+    inputs = [t.double() for t in lstm_inputs(B, T, E, H)]
+    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64),
+                torch.randn(B, H, dtype=torch.float64)]
+    got, got_grads = outputs_and_grads(naive_lstm, inputs, upstream)
+
+    torch_lstm = nn.LSTM(E, H, batch_first=True).double()
+    with torch.no_grad():
+        for name, value in zip(NAMES[3:], inputs[3:]):
+            getattr(torch_lstm, f"{name}_l0").copy_(value)
+    x, h0, c0 = (t.clone().requires_grad_() for t in inputs[:3])
+    out, (hn, cn) = torch_lstm(x, (h0[None], c0[None]))
+    want = (out, hn[0], cn[0])
+    sum((o * g).sum() for o, g in zip(want, upstream)).backward()
+    want_grads = [x.grad, h0.grad, c0.grad] + [getattr(torch_lstm, f"{n}_l0").grad for n in NAMES[3:]]
+
+    for name, a, b in zip(("out", "hN", "cN"), got, want):
+        assert_rel_close(a, b, 1e-10, name)
+    for name, a, b in zip(NAMES, got_grads, want_grads):
+        assert_rel_close(a, b, 1e-10, f"grad {name}")
+
+
+def test_kernels_run_interpreted():
+    assert interpreting(), "TRITON_INTERPRET=1 must be set before fastlm.kernels is imported (tests/conftest.py)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero_state", [False, True], ids=["random-state", "zero-state"])
+@pytest.mark.parametrize("B, T, E, H", SHAPES)
+def test_fused_lstm_matches_reference(B, T, E, H, zero_state, dtype, nan_empty):
+    inputs = [t.to(dtype) for t in lstm_inputs(B, T, E, H, zero_state)]
+    compare(fused_lstm, inputs, TOLERANCE[dtype])
+
+
+def test_fused_lstm_saturated_gates_stay_finite(nan_empty):
+    # Pre-activations up to |x| ≈ 100: every sigmoid and tanh saturates; (1−e^{−2x})/(1+e^{−2x}) would be NaN.
+    inputs = lstm_inputs(3, 5, 8, 16)
+    inputs[0] = inputs[0] * 30  # x
+    inputs[3] = inputs[3] * 30  # weight_ih: x W_ihᵀ reaches ~±100
+    inputs[1], inputs[2] = inputs[1] * 100, inputs[2] * 100
+    reference = naive_lstm(*[t.double() for t in inputs])[0]
+    assert reference.abs().max() > 0.99
+    compare(fused_lstm, inputs, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+def test_two_stacked_layers_through_fastlm_lstm(dtype, nan_empty):
+    B, T, E, H = 4, 6, 12, 20
+    ours = LSTM(E, H, num_layers=2, backend="triton").to(dtype)
+    reference = nn.LSTM(E, H, num_layers=2, batch_first=True).double()
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(B, T, E).to(dtype)
+    state = tuple(torch.randn(2, B, H).to(dtype) for _ in range(2))
+    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64),
+                torch.randn(2, B, H, dtype=torch.float64)]
+
+    def run(module, cast):
+        xs = cast(x).requires_grad_()
+        out, (hn, cn) = module(xs, tuple(cast(s) for s in state))
+        sum((o.double() * g).sum() for o, g in zip((out, hn, cn), upstream)).backward()
+        return [out, hn, cn, xs.grad] + [p.grad for p in module.parameters()]
+
+    got = run(ours, lambda t: t.clone())
+    want = run(reference, lambda t: t.double())
+    names = ["out", "hN", "cN", "grad x"] + [f"grad {n}" for n, _ in reference.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        assert_rel_close(a, b, TOLERANCE[dtype], name)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        pytest.param(lambda a: a.__setitem__(0, a[0][0]), r"x must be 3-D \(B, T, E\)", id="x-rank"),
+        pytest.param(lambda a: a.__setitem__(1, a[1][:, :3]), r"h0 must have shape \(2, 8\), got \(2, 3\)",
+                     id="h0-shape"),
+        pytest.param(lambda a: a.__setitem__(3, a[3][:, :2]), r"weight_ih must have shape \(32, 4\)",
+                     id="weight-ih-shape"),
+        pytest.param(lambda a: a.__setitem__(4, a[4][:5]), r"weight_hh must be \(4H, H\)", id="weight-hh-shape"),
+        pytest.param(lambda a: a.__setitem__(5, a[5].half()), "bias_ih is torch.float16 but x is torch.float32",
+                     id="mixed-dtype"),
+        pytest.param(lambda a: a.__setitem__(slice(0, 7), [t.double() for t in a]), "dtype torch.float64 is not",
+                     id="float64"),
+        pytest.param(lambda a: a.__setitem__(0, a[0][:, :0]), "at least one row and one time step", id="T0"),
+    ],
+)
+def test_bad_inputs_raise_value_error(change, message):
+    inputs = lstm_inputs(2, 3, 4, 8)
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        fused_lstm(*inputs)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        fused_lstm(*lstm_inputs(2, 3, 4, 8))
+
+
+def test_compiles_for_hopper_without_spills_and_with_tensor_cores():
+    """benchmarks/compile_check.py builds every launcher config for sm_90 (needs real, not interpreted, kernels)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_check"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all configurations passed" in proc.stdout
