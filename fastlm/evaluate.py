@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     data = batchify(getattr(corpus, args.split), args.batch_size or cfg["eval_batch_size"]).to(device)
     loss = evaluate(model, data, cfg["seq_len"])
     print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {data.numel()} tokens, "
-          f"checkpoint {args.checkpoint}, epoch {ckpt['epoch']}, step {ckpt['global_step']})")
+          f"after {ckpt['global_step']} training steps, {args.checkpoint})")
     return 0
 
 

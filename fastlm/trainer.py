@@ -107,6 +107,21 @@ def check_config(cfg: TrainConfig) -> None:
     resolve_backend(cfg.backend, "cpu")  # raises ValueError naming the choices
 
 
+def train_step(model: RNNLM, optimizer, inputs, targets, state, clip: float):
+    """One TBPTT step: forward from the carried state, backward within the window, clip, update.
+
+    Returns the loss (a device tensor: reading it would sync) and the new state.
+    """
+    state = tuple(s.detach() for s in state)  # the TBPTT cut: gradients stop at the window edge
+    logits, state = model(inputs, state)
+    loss = F.cross_entropy(logits, targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    optimizer.step()
+    return loss, state
+
+
 @torch.no_grad()
 def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int) -> float:
     """Mean cross-entropy per token over a batchified split, the state carried across windows."""
@@ -252,13 +267,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
             for inputs, targets in tbptt_windows(train_data, cfg.seq_len, start=step):
                 if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.requested:
                     break
-                state = tuple(s.detach() for s in state)  # the TBPTT cut
-                logits, state = model(inputs, state)
-                loss = F.cross_entropy(logits, targets.reshape(-1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
-                optimizer.step()
+                loss, state = train_step(model, optimizer, inputs, targets, state, cfg.clip)
                 step, global_step = step + 1, global_step + 1
                 loss_sum += loss.detach()
                 steps_since_log += 1

@@ -1,0 +1,91 @@
+"""Shared by the benchmarks: machine facts, a results collector, and the summary table at the end.
+
+Each benchmark calls `record(group, provider, benchmark, **extra)` after timing; when the session
+ends, every group is printed with its ratio to the group's baseline provider (measured in the same
+run) and saved as JSON under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+_rows: list[dict] = []
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def matmul_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Measured rate of a large fp32 matmul: the arithmetic ceiling of this machine."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+@pytest.fixture(scope="session")
+def record():
+    def add(group: str, provider: str, benchmark, baseline: bool = False, **extra):
+        stats = benchmark.stats.stats
+        _rows.append({"group": group, "provider": provider, "baseline": baseline, "median_s": stats.median,
+                      "iqr_s": stats.iqr, "min_s": stats.min, "max_s": stats.max, "rounds": stats.rounds, **extra})
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _rows:
+        return
+    groups: dict[str, list[dict]] = {}
+    for row in _rows:
+        groups.setdefault(row["group"], []).append(row)
+    lines = [f"{'group':44} {'provider':22} {'median':>10} {'spread(IQR)':>11} {'ratio':>7}  notes"]
+    for group, rows in groups.items():
+        base = next((r for r in rows if r["baseline"]), rows[0])
+        for r in rows:
+            r["speedup_vs_baseline"] = base["median_s"] / r["median_s"]
+            notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                              if k not in {"group", "provider", "baseline", "median_s", "iqr_s", "min_s", "max_s",
+                                           "rounds", "speedup_vs_baseline"})
+            lines.append(f"{group:44} {r['provider']:22} {r['median_s'] * 1e3:8.2f}ms {r['iqr_s'] * 1e3:9.2f}ms "
+                         f"{r['speedup_vs_baseline']:6.2f}x  {notes}")
+    write = terminalreporter.write_line
+    write("")
+    write("Summary (ratio = baseline median / provider median, measured side by side in this run)")
+    for line in lines:
+        write(line)
+    RESULTS.mkdir(exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"{device}-{stamp}.json"
+    out.write_text(json.dumps({"machine": machine(), "time": stamp, "results": _rows}, indent=1) + "\n")
+    write(f"saved {out}")
