@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.data import Corpus, Dictionary, batchify
-from fastlm.model import RNNLM
+from fastlm.data import Corpus, batchify
+from fastlm.model import load_model
 from fastlm.trainer import evaluate, perplexity, pick_device
 
 
@@ -20,13 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", help="LSTM backend (default: the run's)")
     args = p.parse_args(argv)
 
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt["config"]
     device = pick_device(args.device)
-    corpus = Corpus(args.data or cfg["data"], Dictionary(ckpt["vocab"]))
-    model = RNNLM(len(corpus.dictionary), cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
-                  backend=args.backend or cfg["backend"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    model, dictionary, ckpt = load_model(args.checkpoint, device, args.backend)
+    cfg = ckpt["config"]
+    corpus = Corpus(args.data or cfg["data"], dictionary)
     data = batchify(getattr(corpus, args.split), args.batch_size or cfg["eval_batch_size"]).to(device)
     loss = evaluate(model, data, cfg["seq_len"])
     print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {data.numel()} tokens, "

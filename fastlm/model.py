@@ -5,9 +5,13 @@ language model, so a checkpoint of either loads into the other.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
+from fastlm.checkpoint import load_checkpoint
+from fastlm.data import Dictionary
 from fastlm.lstm import LSTM
 
 State = tuple[Tensor, Tensor]
@@ -48,3 +52,16 @@ class RNNLM(nn.Module):
         device = weight.device if device is None else device
         return (torch.zeros(shape, device=device, dtype=weight.dtype),
                 torch.zeros(shape, device=device, dtype=weight.dtype))
+
+
+def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
+               ) -> tuple[RNNLM, Dictionary, dict]:
+    """The model and vocabulary of a checkpoint (a run folder or a .pt file), ready for inference."""
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    cfg = ckpt["config"]
+    dictionary = Dictionary(ckpt["vocab"])
+    model = RNNLM(len(dictionary), cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
+                  backend=backend or cfg["backend"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, dictionary, ckpt

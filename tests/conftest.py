@@ -19,7 +19,7 @@ def write_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (400
     """A small learnable corpus: sentences that count through a cycle of words from a random start.
 
     After a word the next is almost always its successor in the cycle, so a model that learns
-    should push the loss far below ln(V).
+    should push the loss far below ln(V). Every seventh line ends in <unk>, as rare words do in PTB.
     """
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(12)]
@@ -28,7 +28,7 @@ def write_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (400
         out = []
         for _ in range(count):
             start, length = rng.randrange(12), rng.randrange(3, 9)
-            out.append(" ".join(words[(start + k) % 12] for k in range(length)))
+            out.append(" ".join(words[(start + k) % 12] for k in range(length)) + (" <unk>" * (len(out) % 7 == 6)))
         (folder / f"{split}.txt").write_text("\n".join(out) + "\n")
     return folder
 
@@ -64,3 +64,15 @@ def nan_empty(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder with a small model trained for two epochs on the counting corpus."""
+    from fastlm.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = write_corpus(root / "corpus")
+    train(TrainConfig(data=str(corpus), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
+                      lr=0.01, log_interval=50, eval_batch_size=3, out=str(root / "run"), device="cpu"))
+    return root / "run"

@@ -41,7 +41,7 @@ def test_training_learns_the_corpus(corpus_dir, tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path):
-    # Epochs of 129 steps: the split at 150 steps lands inside the second epoch, the end in the third.
+    # Epochs of 132 steps: the split at 150 steps lands inside the second epoch, the end in the third.
     straight = train(tiny(corpus_dir, tmp_path / "straight", epochs=3, max_steps=300))
     first = train(tiny(corpus_dir, tmp_path / "split", epochs=3, max_steps=150))
     ckpt = load_checkpoint(tmp_path / "split")
@@ -134,7 +134,7 @@ def test_train_then_evaluate_from_the_command_line(corpus_dir, tmp_path, capsys)
             "--epochs", "1", "--batch-size", "4", "--seq-len", "5", "--log-interval", "50", "--device", "cpu"]
     code, out = _cli(train_main, argv, capsys)
     assert code == 0
-    assert "Epoch [1/1], Step[50/129], Loss: " in out.out and "Test perplexity (last weights" in out.out
+    assert "Epoch [1/1], Step[50/132], Loss: " in out.out and "Test perplexity (last weights" in out.out
     code, out = _cli(evaluate_main, ["--checkpoint", str(run), "--split", "test", "--device", "cpu"], capsys)
     assert code == 0 and out.out.startswith("test perplexity: ")
     test_ppl = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-2]["ppl"]

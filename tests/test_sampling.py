@@ -1,0 +1,144 @@
+"""Sampling: each strategy and filter against an independent recomputation of the distributions."""
+import pytest
+import torch
+from torch import nn
+
+from fastlm.cli import run_main
+from fastlm.data import EOS
+from fastlm.model import load_model
+from fastlm.sample import main as sample_main
+from fastlm.sampling import filter_logits, generate, next_words
+
+
+class FullPrefix(nn.Module):
+    """Independent reference: nn.LSTM over the whole prefix from a zero state, at every step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed, self.linear = model.embed, model.linear
+        self.lstm = nn.LSTM(model.lstm.input_size, model.lstm.hidden_size, model.lstm.num_layers, batch_first=True)
+        self.lstm.load_state_dict(model.lstm.state_dict())
+
+    @torch.no_grad()
+    def next_logits(self, prefix: list[int]) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(torch.tensor([prefix])))
+        return self.linear(out[0, -1]).double()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    model, dictionary, _ = load_model(tiny_run)
+    return model, dictionary, FullPrefix(model)
+
+
+def test_greedy_is_the_step_by_step_argmax(loaded):
+    model, dictionary, reference = loaded
+    prompt = [dictionary.word2idx[w] for w in ("w3", "w4")]
+    got = generate(model, 12, prompt=prompt, strategy="greedy", num_samples=2)
+    assert got[0] == got[1]
+    prefix = list(prompt)
+    for word in got[0]:
+        assert word == int(reference.next_logits(prefix).argmax())
+        prefix.append(word)
+    assert generate(model, 12, prompt=prompt, strategy="greedy") == got[:1]
+
+
+def test_without_prompt_the_first_word_is_uniform(loaded):
+    model, dictionary, _ = loaded
+    firsts = [s[0] for s in generate(model, 1, num_samples=4000, seed=1)]
+    counts = torch.bincount(torch.tensor(firsts), minlength=len(dictionary)).double()
+    assert (counts / 4000 - 1 / len(dictionary)).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_never_leaves_the_k_most_likely(loaded, top_k):
+    model, _, reference = loaded
+    samples = generate(model, 10, num_samples=12, prompt=[0], top_k=top_k, temperature=2.0, seed=3)
+    for sample in samples:
+        prefix = [0]
+        for word in sample:
+            allowed = torch.topk(reference.next_logits(prefix), top_k).indices.tolist()
+            assert word in allowed
+            prefix.append(word)
+
+
+def test_top_p_keeps_the_smallest_set_with_that_mass(loaded):
+    model, _, reference = loaded
+    p = 0.6
+    samples = generate(model, 10, num_samples=12, prompt=[0], top_p=p, temperature=1.5, seed=4)
+    for sample in samples:
+        prefix = [0]
+        for word in sample:
+            probs = torch.softmax(reference.next_logits(prefix) / 1.5, dim=-1)
+            mass_before = probs[probs > probs[word]].sum().item()
+            assert mass_before < p, f"word with {mass_before:.3f} of the mass ranked above it"
+            prefix.append(word)
+
+
+def test_filters_on_a_known_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3], dtype=torch.float64)
+    logits = probs.log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw)).nonzero().flatten().tolist()
+    assert kept(top_p=0.7) == [1, 3]
+    assert kept(top_p=0.5) == [1]
+    assert kept(top_p=1.0) == [0, 1, 2, 3]
+    assert kept(top_k=2) == [1, 3]
+    assert kept(top_k=3, top_p=0.9) == [1, 2, 3]
+    # Sampling frequencies follow the renormalised kept mass.
+    generator = torch.Generator().manual_seed(0)
+    draws = next_words(logits.expand(40000, 4), top_p=0.7, generator=generator)
+    freq = torch.bincount(draws, minlength=4).double() / 40000
+    expected = torch.tensor([0, 0.5, 0, 0.3], dtype=torch.float64) / 0.8
+    assert (freq - expected).abs().max() < 0.01
+
+
+def test_low_temperature_approaches_greedy(loaded):
+    model, _, _ = loaded
+    greedy = generate(model, 15, prompt=[1, 2], strategy="greedy")
+    assert generate(model, 15, prompt=[1, 2], temperature=1e-4, seed=5) == greedy
+
+
+def test_seed_reproduces(loaded):
+    model, _, _ = loaded
+    a = generate(model, 20, num_samples=3, seed=11, temperature=3.0)
+    assert generate(model, 20, num_samples=3, seed=11, temperature=3.0) == a
+    assert generate(model, 20, num_samples=3, seed=12, temperature=3.0) != a
+
+
+def test_stop_at_eos(loaded):
+    model, dictionary, _ = loaded
+    eos = dictionary.word2idx[EOS]
+    samples = generate(model, 40, num_samples=6, seed=2, eos_id=eos)
+    assert all((s[-1] == eos and s.count(eos) == 1) or (len(s) == 40 and eos not in s) for s in samples)
+    assert any(s[-1] == eos for s in samples)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0}, "temperature must be > 0"),
+    ({"temperature": -1}, "temperature must be > 0"),
+    ({"top_p": 0}, r"top-p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top-p must be in \(0, 1\]"),
+    ({"top_k": 0}, "top-k must be at least 1"),
+    ({"strategy": "beam"}, "unknown strategy 'beam'"),
+], ids=["temperature-0", "temperature-negative", "top-p-0", "top-p-1.5", "top-k-0", "strategy"])
+def test_bad_values_are_refused(loaded, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(loaded[0], 5, **kwargs)
+
+
+def test_command_line(tiny_run, tmp_path, capsys):
+    out = tmp_path / "sample.txt"
+    argv = ["--checkpoint", str(tiny_run), "--prompt", "w1 zebra", "--num-words", "30", "--num-samples", "2",
+            "--seed", "7", "--out", str(out), "--device", "cpu"]
+    with pytest.warns(UserWarning, match="read as <unk>: zebra"), pytest.raises(SystemExit) as exit_info:
+        run_main(sample_main, argv)
+    assert exit_info.value.code == 0
+    text = out.read_text()
+    assert "<eos>" not in text and text.startswith("w1 <unk>")
+    first = capsys.readouterr().out
+    with pytest.warns(UserWarning), pytest.raises(SystemExit):
+        run_main(sample_main, argv)
+    assert capsys.readouterr().out == first  # same seed, same text
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sample_main, ["--checkpoint", str(tiny_run), "--temperature", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "temperature must be > 0" in capsys.readouterr().err
