@@ -1,0 +1,62 @@
+"""Word vectors of a trained model: cosine distances, nearest neighbours and analogies.
+
+Two matrices hold word vectors: the input embedding (`embed.weight`, V × E) and the output layer
+(`linear.weight`, V × H), whose row w is the direction the last hidden state must point to predict
+w. All arithmetic here is float64.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import Tensor
+
+from fastlm.data import Dictionary
+from fastlm.model import RNNLM
+
+MATRICES = ("input", "output")
+
+
+def word_vectors(model: RNNLM, matrix: str = "input") -> Tensor:
+    if matrix not in MATRICES:
+        raise ValueError(f"unknown matrix {matrix!r}: choose input or output")
+    weight = model.embed.weight if matrix == "input" else model.linear.weight
+    return weight.detach().to("cpu", torch.float64)
+
+
+def word_id(dictionary: Dictionary, word: str) -> int:
+    """The id of `word`, or a ValueError naming the closest words of the vocabulary."""
+    if word in dictionary:
+        return dictionary.word2idx[word]
+    close = difflib.get_close_matches(word, dictionary.idx2word, n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else "no close match"
+    raise ValueError(f"{word!r} is not in the vocabulary ({hint})")
+
+
+def _unit(vectors: Tensor) -> Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+
+
+def cosine_distance(vectors: Tensor, a: int, b: int) -> float:
+    """1 − cosine similarity of two rows."""
+    return 1.0 - float(_unit(vectors[a]) @ _unit(vectors[b]))
+
+
+def nearest(vectors: Tensor, query: Tensor, k: int, exclude: set[int]) -> list[tuple[int, float]]:
+    """The k rows most cosine-similar to `query`, skipping `exclude`: (id, similarity), best first."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    similarity = _unit(vectors) @ _unit(query)
+    similarity[list(exclude)] = float("-inf")
+    k = min(k, vectors.shape[0] - len(exclude))
+    values, ids = torch.topk(similarity, k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def neighbors(vectors: Tensor, word: int, k: int = 10) -> list[tuple[int, float]]:
+    return nearest(vectors, vectors[word], k, {word})
+
+
+def analogy(vectors: Tensor, a: int, b: int, c: int, k: int = 5) -> list[tuple[int, float]]:
+    """Words d with b − a + c ≈ d ("a is to b as c is to d"), the three query words excluded."""
+    return nearest(vectors, vectors[b] - vectors[a] + vectors[c], k, {a, b, c})

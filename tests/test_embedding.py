@@ -1,0 +1,70 @@
+"""Embedding tools against numpy float64 computations of the same quantities."""
+import numpy as np
+import pytest
+
+from fastlm.cli import run_main
+from fastlm.embed import main as embed_main
+from fastlm.embedding import analogy, cosine_distance, neighbors, word_id, word_vectors
+from fastlm.model import load_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    model, dictionary, _ = load_model(tiny_run)
+    return model, dictionary
+
+
+def _np_cosine(m, q):
+    return (m @ q) / (np.linalg.norm(m, axis=1) * np.linalg.norm(q))
+
+
+@pytest.mark.parametrize("matrix, attribute", [("input", "embed"), ("output", "linear")])
+def test_distance_neighbors_analogy_match_numpy(loaded, matrix, attribute):
+    model, dictionary = loaded
+    vectors = word_vectors(model, matrix)
+    m = getattr(model, attribute).weight.detach().numpy().astype(np.float64)
+    a, b, c = (dictionary.word2idx[w] for w in ("w1", "w5", "w9"))
+
+    expected = 1 - m[a] @ m[b] / (np.linalg.norm(m[a]) * np.linalg.norm(m[b]))
+    assert abs(cosine_distance(vectors, a, b) - expected) < 1e-12
+
+    sims = _np_cosine(m, m[a])
+    sims[a] = -np.inf
+    order = np.argsort(-sims)[:4]
+    got = neighbors(vectors, a, 4)
+    assert [i for i, _ in got] == order.tolist()
+    assert np.allclose([s for _, s in got], sims[order], atol=1e-12)
+
+    sims = _np_cosine(m, m[b] - m[a] + m[c])
+    sims[[a, b, c]] = -np.inf
+    order = np.argsort(-sims)[:3]
+    got = analogy(vectors, a, b, c, 3)
+    assert [i for i, _ in got] == order.tolist()
+    assert a not in [i for i, _ in got] and b not in [i for i, _ in got]
+
+
+def test_unknown_word_names_the_closest(loaded):
+    _, dictionary = loaded
+    with pytest.raises(ValueError, match=r"'w13' is not in the vocabulary \(closest: w3, w1, "):
+        word_id(dictionary, "w13")
+
+
+def test_command_line_compares_checkpoints(tiny_run, capsys):
+    argv = ["distance", "w1", "w2", "--checkpoint", str(tiny_run), "--checkpoint", str(tiny_run / "best.pt")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(embed_main, argv)
+    assert exit_info.value.code == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 3 and rows[1].startswith(str(tiny_run))
+    model, dictionary, _ = load_model(tiny_run)
+    expected = cosine_distance(word_vectors(model), dictionary.word2idx["w1"], dictionary.word2idx["w2"])
+    assert rows[1].split()[-1] == f"{expected:.4f}"
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(embed_main, ["neighbors", "w1", "-k", "3", "--checkpoint", str(tiny_run), "--matrix", "output"])
+    assert exit_info.value.code == 0 and len(capsys.readouterr().out.strip().splitlines()) == 4
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(embed_main, ["analogy", "w1", "w2", "zebra", "--checkpoint", str(tiny_run)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: 'zebra' is not in the vocabulary") and err.count("\n") == 1
