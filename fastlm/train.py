@@ -5,6 +5,7 @@ import argparse
 
 from fastlm.cli import EXIT_INTERRUPTED, run_main
 from fastlm.lstm import BACKENDS
+from fastlm.scheduled_sampling import SCHEDULES
 from fastlm.trainer import TrainConfig, train
 
 HELP = {
@@ -24,7 +25,14 @@ HELP = {
     "max_steps": "stop after this many optimizer steps in total, counted across resumes",
     "log_interval": "steps between log lines",
     "eval_batch_size": "rows for validation and test",
+    "eval_interval": "also validate every N steps (metrics.jsonl), besides each epoch end",
+    "eval_tokens": "validate those interim points on the first N validation tokens only",
+    "teacher_forcing": "probability of feeding the true word at each step (1: teacher forcing, 0: free running)",
+    "teacher_forcing_schedule": f"decay of --teacher-forcing over training: {', '.join(SCHEDULES)}",
+    "free_running_token": "the model's word fed back when not teacher forcing: argmax or sample",
 }
+TYPES = {"max_steps": int, "eval_interval": int, "eval_tokens": int, "out": str}
+
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,9 +40,8 @@ def parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for name, text in HELP.items():
         default = getattr(defaults, name)
-        kind = int if name == "max_steps" else (type(default) if default is not None else str)
         # SUPPRESS keeps flags that were not given out of the namespace, so a resume knows what changed.
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
+        p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, type(default)), default=argparse.SUPPRESS,
                        help=f"{text} (default: {default})")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or checkpoint file)")
     return p

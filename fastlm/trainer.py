@@ -23,6 +23,7 @@ from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint
 from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
 from fastlm.lstm import resolve_backend
 from fastlm.model import RNNLM
+from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES, free_running_step, teacher_forcing_probability
 
 DEFAULT_DATA = "data/ptb"
 
@@ -45,10 +46,16 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps in total, counted across resumes
     log_interval: int = 100
     eval_batch_size: int = 10
+    eval_interval: int | None = None  # also validate every N steps (besides each epoch end)
+    eval_tokens: int | None = None  # validate those interim points on the first N tokens only
+    teacher_forcing: float = 1.0  # probability of feeding the true word (1: teacher forcing)
+    teacher_forcing_schedule: str = "constant"
+    free_running_token: str = "argmax"  # what is fed back when not teacher forcing: argmax | sample
 
 
 # What a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_OVERRIDES = {"epochs", "max_steps", "log_interval", "device", "out", "backend", "data"}
+RESUMABLE_OVERRIDES = {"epochs", "max_steps", "log_interval", "device", "out", "backend", "data", "eval_interval",
+                       "eval_tokens"}
 
 
 class TrainingError(Exception):
@@ -104,6 +111,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError("--epochs and --max-steps cannot be negative")
     if not (cfg.lr > 0 and cfg.clip > 0):
         raise TrainingError(f"--lr and --clip must be positive, got lr={cfg.lr}, clip={cfg.clip}")
+    if not 0 <= cfg.teacher_forcing <= 1:
+        raise TrainingError(f"--teacher-forcing is a probability in [0, 1], got {cfg.teacher_forcing}")
+    if cfg.teacher_forcing_schedule not in SCHEDULES:
+        raise TrainingError(f"unknown --teacher-forcing-schedule {cfg.teacher_forcing_schedule!r}: "
+                            f"choose {', '.join(SCHEDULES)}")
+    if cfg.free_running_token not in FREE_RUNNING_TOKENS:
+        raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
+    for name in ("eval_interval", "eval_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     resolve_backend(cfg.backend, "cpu")  # raises ValueError naming the choices
 
 
@@ -207,6 +225,10 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     test_data = batchify(corpus.test, cfg.eval_batch_size).to(device)
     tbptt_windows(train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
+    planned_steps = max(1, cfg.epochs * steps_per_epoch)  # the horizon of the teacher-forcing schedules
+    interim_valid = valid_data
+    if cfg.eval_tokens:
+        interim_valid = valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]
 
     # -- model and optimizer ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -267,7 +289,13 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
             for inputs, targets in tbptt_windows(train_data, cfg.seq_len, start=step):
                 if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.requested:
                     break
-                loss, state = train_step(model, optimizer, inputs, targets, state, cfg.clip)
+                p_true = teacher_forcing_probability(cfg.teacher_forcing, cfg.teacher_forcing_schedule,
+                                                     global_step / planned_steps)
+                if p_true >= 1.0:
+                    loss, state = train_step(model, optimizer, inputs, targets, state, cfg.clip)
+                else:
+                    loss, state = free_running_step(model, optimizer, inputs, targets, state, cfg.clip, p_true,
+                                                    cfg.free_running_token)
                 step, global_step = step + 1, global_step + 1
                 loss_sum += loss.detach()
                 steps_since_log += 1
@@ -288,10 +316,16 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
                     )
                     bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
                     record(split="train", epoch=epoch + 1, step=step, global_step=global_step, loss=mean_loss,
-                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=now - start_time)
+                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=now - start_time,
+                           teacher_forcing=p_true)
                     result.train_losses.append(mean_loss)
                     loss_sum.zero_()
                     steps_since_log, last_log_time = 0, now
+                if cfg.eval_interval and global_step % cfg.eval_interval == 0:
+                    interim_loss = evaluate(model, interim_valid, cfg.seq_len)
+                    record(split="valid", epoch=epoch + 1, step=step, global_step=global_step, loss=interim_loss,
+                           ppl=perplexity(interim_loss), tokens=interim_valid.numel(),
+                           time=time.perf_counter() - start_time)
             bar.close()
 
             if step < steps_per_epoch:  # stopped early: --max-steps or Ctrl-C

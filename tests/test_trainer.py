@@ -40,15 +40,31 @@ def test_training_learns_the_corpus(corpus_dir, tmp_path):
     assert result.test_ppl is not None and result.best_test_ppl is not None
 
 
-def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path):
+@pytest.mark.parametrize("feeding", [
+    {},
+    # Scheduled sampling draws coin flips and words from the RNG, so this also checks its saved state.
+    {"teacher_forcing": 0.7, "teacher_forcing_schedule": "linear", "free_running_token": "sample"},
+], ids=["teacher-forcing", "scheduled-sampling"])
+def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path, feeding):
     # Epochs of 132 steps: the split at 150 steps lands inside the second epoch, the end in the third.
-    straight = train(tiny(corpus_dir, tmp_path / "straight", epochs=3, max_steps=300))
-    first = train(tiny(corpus_dir, tmp_path / "split", epochs=3, max_steps=150))
+    straight = train(tiny(corpus_dir, tmp_path / "straight", epochs=3, max_steps=300, **feeding))
+    first = train(tiny(corpus_dir, tmp_path / "split", epochs=3, max_steps=150, **feeding))
     ckpt = load_checkpoint(tmp_path / "split")
     assert (ckpt["global_step"], ckpt["epoch"]) == (150, 1) and ckpt["state"] is not None
     second = train(TrainConfig(), resume=str(tmp_path / "split"), overrides={"max_steps": 300})
     assert second.global_step == 300
     assert first.train_losses + second.train_losses == straight.train_losses
+
+
+def test_free_running_training_learns_and_logs_the_schedule(corpus_dir, tmp_path):
+    result = train(tiny(corpus_dir, tmp_path / "run", epochs=2, teacher_forcing=0.5,
+                        teacher_forcing_schedule="linear", log_interval=33, eval_interval=66, eval_tokens=60))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    p = [r["teacher_forcing"] for r in records if r["split"] == "train"]
+    assert p[0] < 0.5 and p == sorted(p, reverse=True) and p[-1] < 0.01
+    interim = [r for r in records if r["split"] == "valid" and "tokens" in r]
+    assert [r["global_step"] for r in interim] == [66, 132, 198, 264] and interim[0]["tokens"] == 60
+    assert math.log(result.valid_ppl) < 0.6 * math.log(14)
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(corpus_dir, tmp_path):
