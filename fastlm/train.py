@@ -29,9 +29,10 @@ HELP = {
     "eval_tokens": "validate those interim points on the first N validation tokens only",
     "teacher_forcing": "probability of feeding the true word at each step (1: teacher forcing, 0: free running)",
     "teacher_forcing_schedule": f"decay of --teacher-forcing over training: {', '.join(SCHEDULES)}",
+    "teacher_forcing_steps": "steps over which the schedule decays (default: the whole run, epochs x steps)",
     "free_running_token": "the model's word fed back when not teacher forcing: argmax or sample",
 }
-TYPES = {"max_steps": int, "eval_interval": int, "eval_tokens": int, "out": str}
+TYPES = {"max_steps": int, "eval_interval": int, "eval_tokens": int, "teacher_forcing_steps": int, "out": str}
 
 
 

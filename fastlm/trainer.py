@@ -50,6 +50,7 @@ class TrainConfig:
     eval_tokens: int | None = None  # validate those interim points on the first N tokens only
     teacher_forcing: float = 1.0  # probability of feeding the true word (1: teacher forcing)
     teacher_forcing_schedule: str = "constant"
+    teacher_forcing_steps: int | None = None  # the schedule's horizon; None → epochs × steps per epoch
     free_running_token: str = "argmax"  # what is fed back when not teacher forcing: argmax | sample
 
 
@@ -118,7 +119,7 @@ def check_config(cfg: TrainConfig) -> None:
                             f"choose {', '.join(SCHEDULES)}")
     if cfg.free_running_token not in FREE_RUNNING_TOKENS:
         raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
-    for name in ("eval_interval", "eval_tokens"):
+    for name in ("eval_interval", "eval_tokens", "teacher_forcing_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     test_data = batchify(corpus.test, cfg.eval_batch_size).to(device)
     tbptt_windows(train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
-    planned_steps = max(1, cfg.epochs * steps_per_epoch)  # the horizon of the teacher-forcing schedules
+    planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * steps_per_epoch)  # the schedule's horizon
     interim_valid = valid_data
     if cfg.eval_tokens:
         interim_valid = valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]

@@ -1,0 +1,64 @@
+"""python -m fastlm.compare: experiments side by side, each written up as a report folder.
+
+    python -m fastlm.compare teacher-forcing --steps 500 --out runs/tf
+    python -m fastlm.compare detach --chunks 10 --out runs/detach
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from fastlm.cli import run_main
+from fastlm.comparison import compare_detach, compare_teacher_forcing
+from fastlm.scheduled_sampling import SCHEDULES
+from fastlm.trainer import TrainConfig, check_config
+
+MODEL_FLAGS = ("data", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr", "clip",
+               "backend", "device", "seed", "eval_batch_size")
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = TrainConfig()
+    common = argparse.ArgumentParser(add_help=False)
+    for name in MODEL_FLAGS:
+        common.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
+                            default=getattr(defaults, name), help=f"as in fastlm.train (default: {getattr(defaults, name)})")
+    common.add_argument("--out", help="report folder (default: runs/compare-<experiment>-<timestamp>)")
+    p = argparse.ArgumentParser(prog="python -m fastlm.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    experiments = p.add_subparsers(dest="experiment", required=True)
+    tf = experiments.add_parser("teacher-forcing", parents=[common], help="teacher forcing vs free running")
+    tf.add_argument("--steps", type=int, default=500, help="optimizer steps for each model")
+    tf.add_argument("--free-running", type=float, default=0.0,
+                    help="teacher-forcing probability of the second model (0: fully free running)")
+    tf.add_argument("--schedule", default="constant", help=f"its decay: {', '.join(SCHEDULES)}")
+    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity")
+    tf.add_argument("--pair", action="append", metavar="WORD/WORD",
+                    help="word pairs whose cosine distance to compare (default: army/taxpayer)")
+    tf.add_argument("--eval-tokens", type=int, default=20000, help="validation tokens for the curve's points")
+    detach = experiments.add_parser("detach", parents=[common], help="graph memory with and without detach")
+    detach.add_argument("--chunks", type=int, default=10, help="TBPTT windows to train on")
+    args = p.parse_args(argv)
+
+    base = TrainConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
+    check_config(base)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"runs/compare-{args.experiment}-{stamp}")
+    if args.experiment == "teacher-forcing":
+        check_config(replace(base, teacher_forcing=args.free_running, teacher_forcing_schedule=args.schedule))
+        pairs = [tuple(pair.split("/", 1)) for pair in (args.pair or ["army/taxpayer"])]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("--pair takes two words joined by a slash, e.g. army/taxpayer")
+        report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule, args.target_ppl,
+                                         pairs, eval_tokens=args.eval_tokens)
+        print(report["conclusion"])
+    else:
+        compare_detach(base, args.chunks, out)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,55 @@
+"""The comparison reports, end to end on the small corpus."""
+import json
+
+import pytest
+
+from fastlm.cli import run_main
+from fastlm.compare import main as compare_main
+from fastlm.model import load_model
+from fastlm.data import Corpus, batchify
+from fastlm.trainer import evaluate, perplexity
+
+TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
+        "--eval-batch-size", "3", "--device", "cpu"]
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(compare_main, argv)
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_teacher_forcing_report(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "tf"
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "80",
+                          "--pair", "w1/w2", "--eval-tokens", "60", *TINY], capsys)
+    assert code == 0, printed.err
+    report = json.loads((out / "report.json").read_text())
+    tf, fr = report["runs"]["teacher-forced"], report["runs"]["free-running"]
+    assert (tf["teacher_forcing"], fr["teacher_forcing"]) == (1.0, 0.0)
+    assert [s for s, _ in tf["valid"]] == [8 * k for k in range(1, 11)] == [s for s, _ in fr["valid"]]
+    # The reported perplexity is the teacher-forced one of the saved model.
+    model, dictionary, _ = load_model(out / "free-running")
+    valid = batchify(Corpus(corpus_dir, dictionary).valid, 3)
+    assert fr["valid_ppl"] == pytest.approx(perplexity(evaluate(model, valid, 5)), rel=1e-9)
+    better = "teacher-forced" if tf["valid_ppl"] <= fr["valid_ppl"] else "free-running"
+    assert report["conclusion"].startswith(f"On teacher-forced validation perplexity the {better} model is better")
+    assert set(tf["distances"]) == {"w1/w2"} and len(tf["samples"]) == 3
+    assert (out / "teacher_forcing.png").read_bytes()[:4] == b"\x89PNG"
+    text = (out / "report.md").read_text()
+    assert "| validation perplexity |" in text and "## Conclusion" in text
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), *TINY], capsys)
+    assert code == 2 and "is not empty" in printed.err
+
+
+def test_detach_report(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "detach"
+    code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), "--chunks", "4", *TINY], capsys)
+    assert code == 0, printed.err
+    report = json.loads((out / "report.json").read_text())
+    with_detach = [m["graph_bytes"] for m in report["results"]["detach"]]
+    without = [m["graph_bytes"] for m in report["results"]["no-detach"]]
+    assert len(set(with_detach)) == 1 and without == sorted(without) and without[-1] > 3 * with_detach[0]
+    assert report["nodes_without"] > report["nodes_with_detach"]
+    for png in ("detach_memory.png", "unrolled_graph.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
