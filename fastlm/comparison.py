@@ -202,8 +202,8 @@ def compare_detach(base: TrainConfig, chunks: int, out_dir: Path) -> dict:
     lines = [f"# What detaching the hidden state saves ({chunks} windows)", "",
              f"Model: embed {base.embed_size}, hidden {base.hidden_size}; batch {base.batch_size}, seq_len "
              f"{base.seq_len}; device {device}. Bytes are those autograd keeps for backward, counted exactly with "
-             "`saved_tensors_hooks` right before each window's backward (weights saved by a retained graph are "
-             "counted as the snapshot it needs).", "", "![memory](detach_memory.png)", "",
+             "`saved_tensors_hooks` right before each window's backward. Parameters are not counted, except the "
+             "weight snapshots a retained graph needs once the optimizer has updated the weights (no detach).", "", "![memory](detach_memory.png)", "",
              "| window | graph MiB, detach | graph MiB, no detach | step s, detach | step s, no detach |"
              + (" CUDA peak MiB, detach | CUDA peak MiB, no detach |" if cuda else ""),
              "| --- | --- | --- | --- | --- |" + (" --- | --- |" if cuda else "")]

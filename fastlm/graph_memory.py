@@ -6,10 +6,10 @@ alive (`retain_graph=True`): memory and step time grow linearly with k.
 
 Bytes are counted with `torch.autograd.graph.saved_tensors_hooks`: every tensor autograd saves for
 backward passes through `pack`, and is released when the graph that holds it is freed. Tensors that
-share storage are counted once. A saved parameter is stored as a snapshot (a copy) because the
-optimizer updates parameters in place after each window, and a graph kept alive for later
-backward passes needs the weights its window actually used — that copy is part of the price of
-not detaching, and is counted.
+share storage are counted once. Parameters the graph merely refers to cost nothing extra and are
+not counted. But a graph kept alive for later backward passes (no detach) needs the weights its
+window actually used, and the optimizer updates parameters in place after each window: there a
+saved parameter is stored as a snapshot (a copy), which is part of the price and is counted.
 """
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ class _Saved:
 class SavedTensorMeter:
     """Counts the bytes autograd keeps for backward while the context is active.
 
-    `live_bytes` is the size of the distinct storages held by graphs that are still alive.
+    `live_bytes` is the size of the distinct storages held by graphs that are still alive, not
+    counting `parameters` unless `snapshot_parameters` (then each saved parameter is copied).
     """
 
-    def __init__(self, parameters=()):
+    def __init__(self, parameters=(), snapshot_parameters: bool = False):
         self._params = {p.untyped_storage().data_ptr() for p in parameters}
+        self._snapshot = snapshot_parameters
         self._refs: dict[int, list] = {}  # storage key -> [bytes, references]
         self.live_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -56,6 +58,8 @@ class SavedTensorMeter:
         # it (tensor.grad_fn), a reference cycle that keeps the graph alive after it is dropped.
         tensor = tensor.detach()
         if tensor.untyped_storage().data_ptr() in self._params:
+            if not self._snapshot:
+                return _Saved(self, None, tensor)
             tensor = tensor.clone()  # a snapshot: the optimizer will update the original in place
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
@@ -70,6 +74,8 @@ class SavedTensorMeter:
         return saved.tensor
 
     def _release(self, key) -> None:
+        if key is None:  # a parameter, not counted
+            return
         entry = self._refs[key]
         entry[1] -= 1
         if entry[1] == 0:
@@ -92,7 +98,7 @@ def run_chunks(model, optimizer, windows, detach: bool, clip: float) -> list[Chu
     device = model.linear.weight.device
     state = model.init_state(windows[0][0].shape[0], device)
     measurements = []
-    with SavedTensorMeter(model.parameters()) as meter:
+    with SavedTensorMeter(model.parameters(), snapshot_parameters=not detach) as meter:
         for k, (inputs, targets) in enumerate(windows, 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
