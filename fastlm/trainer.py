@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
 from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
+from fastlm.graphs import GraphedForward, GraphedStep, autocast
 from fastlm.lstm import resolve_backend
 from fastlm.model import RNNLM
 from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES, free_running_step, teacher_forcing_probability
@@ -142,19 +143,27 @@ def train_step(model: RNNLM, optimizer, inputs, targets, state, clip: float):
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int) -> float:
-    """Mean cross-entropy per token over a batchified split, the state carried across windows."""
+def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, capture: bool = False,
+             amp_dtype: torch.dtype | None = None) -> float:
+    """Mean cross-entropy per token over a batchified split, the state carried across windows.
+
+    The full-length windows run through one `GraphedForward` (a CUDA graph replay when `capture`);
+    a shorter last window runs eagerly from the state they leave.
+    """
     was_training = model.training
     model.eval()
-    state = model.init_state(data.shape[0], data.device)
-    total = torch.zeros((), dtype=torch.float64, device=data.device)
-    count = 0
-    for inputs, targets in eval_windows(data, seq_len):
-        logits, state = model(inputs, state)
-        total += F.cross_entropy(logits, targets.reshape(-1), reduction="sum")
-        count += targets.numel()
+    windows = list(eval_windows(data, seq_len))
+    full = [w for w in windows if w[0].shape[1] == seq_len]
+    forward = GraphedForward(model, data.shape[0], seq_len, amp_dtype, capture=capture and bool(full))
+    for inputs, targets in full:
+        forward(inputs, targets)
+    total, state = forward.total, (forward.h, forward.c)
+    for inputs, targets in windows[len(full):]:
+        with autocast(data.device.type, amp_dtype):
+            logits, state = model(inputs, state)
+            total += F.cross_entropy(logits, targets.reshape(-1), reduction="sum")
     model.train(was_training)
-    return total.item() / max(count, 1)
+    return total.item() / max(sum(t.numel() for _, t in windows), 1)
 
 
 def perplexity(loss: float) -> float:
