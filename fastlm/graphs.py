@@ -118,20 +118,22 @@ class GraphedStep:
         # changes nothing the trainer can see. Optimizer state the warm-up created (Adam's moments
         # and step count) starts at zero, as it would have on the first real step.
         saved = {id(t): t.detach().clone() for t in self._state_tensors()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        with torch.no_grad():
-            for tensor in self._state_tensors():
-                tensor.copy_(saved[id(tensor)]) if id(tensor) in saved else tensor.zero_()
-        self.loss_sum.zero_()
-        self.graph = graph
+            self.graph = graph
+        finally:  # also when capture fails, so the eager fallback starts from the same model
+            with torch.no_grad():
+                for tensor in self._state_tensors():
+                    tensor.copy_(saved[id(tensor)]) if id(tensor) in saved else tensor.zero_()
+            self.loss_sum.zero_()
 
     def _state_tensors(self) -> list[torch.Tensor]:
         tensors = [p.data for p in self.model.parameters()]

@@ -72,8 +72,21 @@ class LSTM(nn.LSTM):
         self._check_state(state, batch, x)
         backend = resolve_backend(self.backend, x.device)
         if backend == "torch":
+            device_type = x.device.type
+            if torch.is_autocast_enabled(device_type):
+                return self._forward_torch_autocast(x, state, torch.get_autocast_dtype(device_type))
             return super().forward(x, state)
         return self._forward_layers(x, state, backend)
+
+    def _forward_torch_autocast(self, x: Tensor, state: tuple[Tensor, Tensor], dtype: torch.dtype):
+        # Under autocast nn.LSTM is cast to float16 whatever dtype autocast asks for, and re-flattens
+        # its weights on every call. Run torch's LSTM kernel ourselves, in the dtype asked for.
+        with torch.autocast(x.device.type, enabled=False):
+            weights = [w.to(dtype) for w in self._flat_weights]
+            h0, c0 = (s.to(dtype) for s in state)
+            out, h, c = torch._VF.lstm(x.to(dtype), (h0, c0), weights, True, self.num_layers, 0.0, self.training,
+                                      False, self.batch_first)
+        return out, (h, c)
 
     def _forward_layers(self, x: Tensor, state: tuple[Tensor, Tensor], backend: str):
         from fastlm.kernels import naive_lstm

@@ -31,6 +31,7 @@ HELP = {
     "teacher_forcing_schedule": f"decay of --teacher-forcing over training: {', '.join(SCHEDULES)}",
     "teacher_forcing_steps": "steps over which the schedule decays (default: the whole run, epochs x steps)",
     "free_running_token": "the model's word fed back when not teacher forcing: argmax or sample",
+    "amp": "autocast dtype: off, bf16, fp16 or auto (bf16 on a GPU that has it, off on the CPU)",
 }
 TYPES = {"max_steps": int, "eval_interval": int, "eval_tokens": int, "teacher_forcing_steps": int, "out": str}
 
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
         # SUPPRESS keeps flags that were not given out of the namespace, so a resume knows what changed.
         p.add_argument(f"--{name.replace('_', '-')}", type=TYPES.get(name, type(default)), default=argparse.SUPPRESS,
                        help=f"{text} (default: {default})")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="replay each training step as one CUDA graph (default: on for CUDA)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or checkpoint file)")
     return p
 
