@@ -3,7 +3,8 @@
     pytest benchmarks/test_train_step.py --benchmark-only
 
 `plain` is the classic PyTorch tutorial loop: nn.LSTM model, default Adam, clip_grad_norm_,
-`loss.item()` every step. `fastlm-eager` is fastlm's step (fused Adam, foreach clipping, no sync).
+`loss.item()` every step. `fastlm-eager` is fastlm's step (fused Adam, foreach clipping, no sync);
+on CUDA, `fastlm-graphs-bf16` replays the whole step as one CUDA graph under bf16 autocast.
 Both run on the same real PTB windows (random tokens if PTB is absent), state carried across steps.
 """
 from __future__ import annotations
@@ -103,9 +104,35 @@ def test_fastlm_eager(benchmark, record, windows):
         loss, state[0] = train_step(model, optimizer, inputs, targets, state[0], CFG.clip)
         return loss
 
-    _run(benchmark, step)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    def synced_step():
+        loss = step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    _run(benchmark, synced_step)
     floor_s = step_flops() / (matmul_gflops(DEVICE) * 1e9)
     record("train-step B20 T30 E128 H1024 V10k", "fastlm-eager", benchmark, data=source,
            gflop_per_step=step_flops() / 1e9, floor_s=floor_s, median_over_floor=benchmark.stats.stats.median / floor_s)
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_fastlm_graphs_amp(benchmark, record, windows):
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs and bf16 autocast need a CUDA GPU")
+    from fastlm.graphs import GraphedStep
+
+    batches, source = windows
+    torch.manual_seed(0)
+    model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend="auto").to(DEVICE)
+    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr, fused=True, capturable=True)
+    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, torch.bfloat16, capture=True)
+    data = itertools.cycle(batches)
+
+    def step():
+        stepper.step(*next(data))
+        torch.cuda.synchronize()
+
+    _run(benchmark, step)
+    record("train-step B20 T30 E128 H1024 V10k", "fastlm-graphs-bf16", benchmark, data=source,
+           tokens_per_s=CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median)

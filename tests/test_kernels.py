@@ -1,6 +1,8 @@
 """The LSTM kernels: naive_lstm against nn.LSTM, fused_lstm against naive_lstm in float64.
 
-fused_lstm runs under TRITON_INTERPRET=1 (set in conftest.py before any kernel import).
+fused_lstm runs under TRITON_INTERPRET=1 (set in conftest.py before any kernel import). With
+TRITON_INTERPRET=0 on a machine with a CUDA GPU (benchmarks/gpu_check.sh) the same tests run the
+compiled kernel on the GPU.
 """
 import os
 import subprocess
@@ -23,6 +25,7 @@ SHAPES = [  # (B, T, E, H)
     pytest.param(33, 3, 5, 70, id="B33-T3-E5-H70"),  # two row blocks, hidden split over blocks and chunks
     pytest.param(2, 12, 16, 16, id="B2-T12-H16"),
 ]
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 
@@ -30,9 +33,10 @@ def lstm_inputs(B, T, E, H, zero_state=False, scale=1.0):
     """Fresh random inputs in nn.LSTM's layout and initialisation range."""
     k = H ** -0.5
     h0, c0 = (torch.zeros(B, H), torch.zeros(B, H)) if zero_state else (torch.randn(B, H), torch.randn(B, H))
-    return [scale * torch.randn(B, T, E), h0, c0] + [
+    tensors = [scale * torch.randn(B, T, E), h0, c0] + [
         scale * torch.empty(shape).uniform_(-k, k) for shape in ((4 * H, E), (4 * H, H), (4 * H,), (4 * H,))
     ]
+    return [t.to(DEVICE) for t in tensors]
 
 
 def outputs_and_grads(fn, inputs, upstream):
@@ -49,8 +53,7 @@ def compare(fn, inputs, tol):
     reference_inputs = [t.double() for t in inputs]
     B, T, _ = inputs[0].shape
     H = inputs[1].shape[1]
-    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64),
-                torch.randn(B, H, dtype=torch.float64)]
+    upstream = [torch.randn(shape, dtype=torch.float64, device=DEVICE) for shape in ((B, T, H), (B, H), (B, H))]
     want, want_grads = outputs_and_grads(naive_lstm, reference_inputs, upstream)
     got, got_grads = outputs_and_grads(fn, inputs, upstream)
     for name, a, b in zip(("out", "hN", "cN"), got, want):
@@ -63,11 +66,10 @@ def compare(fn, inputs, tol):
 @pytest.mark.parametrize("B, T, E, H", SHAPES)
 def test_naive_lstm_matches_nn_lstm_float64(B, T, E, H):
     inputs = [t.double() for t in lstm_inputs(B, T, E, H)]
-    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64),
-                torch.randn(B, H, dtype=torch.float64)]
+    upstream = [torch.randn(shape, dtype=torch.float64, device=DEVICE) for shape in ((B, T, H), (B, H), (B, H))]
     got, got_grads = outputs_and_grads(naive_lstm, inputs, upstream)
 
-    torch_lstm = nn.LSTM(E, H, batch_first=True).double()
+    torch_lstm = nn.LSTM(E, H, batch_first=True).double().to(DEVICE)
     with torch.no_grad():
         for name, value in zip(NAMES[3:], inputs[3:]):
             getattr(torch_lstm, f"{name}_l0").copy_(value)
@@ -83,8 +85,9 @@ def test_naive_lstm_matches_nn_lstm_float64(B, T, E, H):
         assert_rel_close(a, b, 1e-10, f"grad {name}")
 
 
-def test_kernels_run_interpreted():
-    assert interpreting(), "TRITON_INTERPRET=1 must be set before fastlm.kernels is imported (tests/conftest.py)"
+def test_kernels_run_interpreted_or_on_a_gpu():
+    assert interpreting() or DEVICE == "cuda", \
+        "TRITON_INTERPRET=1 must be set before fastlm.kernels is imported (tests/conftest.py)"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,13 +112,12 @@ def test_fused_lstm_saturated_gates_stay_finite(nan_empty):
 @pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
 def test_two_stacked_layers_through_fastlm_lstm(dtype, nan_empty):
     B, T, E, H = 4, 6, 12, 20
-    ours = LSTM(E, H, num_layers=2, backend="triton").to(dtype)
-    reference = nn.LSTM(E, H, num_layers=2, batch_first=True).double()
+    ours = LSTM(E, H, num_layers=2, backend="triton").to(DEVICE, dtype)
+    reference = nn.LSTM(E, H, num_layers=2, batch_first=True).double().to(DEVICE)
     reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    x = torch.randn(B, T, E).to(dtype)
-    state = tuple(torch.randn(2, B, H).to(dtype) for _ in range(2))
-    upstream = [torch.randn(B, T, H, dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64),
-                torch.randn(2, B, H, dtype=torch.float64)]
+    x = torch.randn(B, T, E).to(DEVICE, dtype)
+    state = tuple(torch.randn(2, B, H).to(DEVICE, dtype) for _ in range(2))
+    upstream = [torch.randn(shape, dtype=torch.float64, device=DEVICE) for shape in ((B, T, H), (2, B, H), (2, B, H))]
 
     def run(module, cast):
         xs = cast(x).requires_grad_()
@@ -156,7 +158,7 @@ def test_bad_inputs_raise_value_error(change, message):
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
-        fused_lstm(*lstm_inputs(2, 3, 4, 8))
+        fused_lstm(*[t.cpu() for t in lstm_inputs(2, 3, 4, 8)])
 
 
 def test_compiles_for_hopper_without_spills_and_with_tensor_cores():

@@ -1,0 +1,44 @@
+"""python -m benchmarks.plot [results/*.json]: a bar chart of medians per group for each saved result."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastlm.plots import _pyplot
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def plot(path: Path) -> Path:
+    plt = _pyplot()
+    data = json.loads(path.read_text())
+    rows = data["results"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 1.1 * len(groups) + 0.3 * len(rows)), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
+        members = [r for r in rows if r["group"] == group]
+        ax.barh([r["provider"] for r in members], [r["median_s"] * 1e3 for r in members],
+                xerr=[r["iqr_s"] * 1e3 / 2 for r in members])
+        for y, r in enumerate(members):
+            ax.text(r["median_s"] * 1e3, y, f"  {r['speedup_vs_baseline']:.2f}x", va="center", fontsize=8)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("median ms (bars: IQR)")
+    machine = data["machine"]
+    fig.suptitle(f"{machine.get('gpu', machine['cpu'])}, torch {machine['torch']}", fontsize=10)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    paths = [Path(p) for p in argv] or sorted(p for p in RESULTS.glob("*.json") if p.name != "compile_check.json")
+    for path in paths:
+        print(f"wrote {plot(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
