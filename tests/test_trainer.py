@@ -15,12 +15,11 @@ from torch import nn
 from fastlm import trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.data import Corpus, Dictionary, batchify
+from fastlm.data import Corpus, batchify
 from fastlm.evaluate import main as evaluate_main
 from fastlm.model import RNNLM
 from fastlm.train import main as train_main
 from fastlm.trainer import DivergedError, TrainConfig, evaluate, train
-from helpers import assert_rel_close
 
 
 def tiny(corpus_dir, out, **changes) -> TrainConfig:
