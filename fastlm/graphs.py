@@ -85,11 +85,12 @@ class GraphedStep:
         if capture and scaler is not None:
             raise ValueError("a GradScaler cannot run inside a CUDA graph: run float16 eagerly")
         self.model, self.optimizer, self.clip, self.amp_dtype, self.scaler = model, optimizer, clip, amp_dtype, scaler
-        device = model.linear.weight.device
+        lm = getattr(model, "module", model)  # the RNNLM, also inside DistributedDataParallel
+        device = lm.linear.weight.device
         self.device_type = device.type
         self.inputs = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.targets = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-        self.h, self.c = model.init_state(batch_size, device)  # the static state the step reads
+        self.h, self.c = lm.init_state(batch_size, device)  # the static state the step reads
         self.loss_sum = torch.zeros((), device=device)
         self.graph = None
         if capture:

@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastlm import distributed
 from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
 from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
 from fastlm.graphs import GraphedForward, GraphedStep, autocast
 from fastlm.lstm import resolve_backend
 from fastlm.model import RNNLM
+from fastlm.run import StopFlag, new_run_dir, rng_state, set_rng_state
 from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES, free_running_step, teacher_forcing_probability
 
 DEFAULT_DATA = "data/ptb"
@@ -175,59 +174,21 @@ def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, capture: bool = Fal
             logits, state = model(inputs, state)
             total += F.cross_entropy(logits, targets.reshape(-1), reduction="sum")
     model.train(was_training)
-    return total.item() / max(sum(t.numel() for _, t in windows), 1)
+    count = torch.tensor(float(sum(t.numel() for _, t in windows)), dtype=torch.float64, device=data.device)
+    distributed.sum_(total)  # under torchrun each rank scored its own rows
+    distributed.sum_(count)
+    return total.item() / max(count.item(), 1.0)
 
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-class _StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (and save); a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("Stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _new_run_dir() -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir, n = Path("runs") / stamp, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = Path("runs") / f"{stamp}-{n}"
-    return run_dir
-
-
 def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None) -> TrainResult:
-    """Train (or resume) a run; returns what it measured. Raises TrainingError/DataError on bad input."""
+    """Train (or resume) a run; returns what it measured. Raises TrainingError/DataError on bad input.
+
+    Under torchrun the ranks train one model together (see fastlm/distributed.py).
+    """
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -235,22 +196,42 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
         cfg = resume_config(ckpt["config"], overrides)
     check_config(cfg)
     device = pick_device(cfg.device)
-    run_dir = Path(cfg.out) if cfg.out else _new_run_dir()
+    world = distributed.join(cuda=device.type == "cuda")
+    try:
+        return _train(cfg, ckpt, device, world)
+    finally:
+        distributed.leave(world)
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World) -> TrainResult:
+    if world.enabled and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    run_dir = Path(cfg.out) if cfg.out else new_run_dir()
+    if world.enabled and cfg.out is None:
+        raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
+    if world.enabled and cfg.teacher_forcing < 1:
+        raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
+                            "train it in one process")
+    say = tqdm.write if world.is_main else (lambda *args: None)
 
     # -- data ------------------------------------------------------------------------------------
     if Path(cfg.data) == Path(DEFAULT_DATA):
         ensure_ptb(cfg.data, PTB_URL)
     dictionary = Dictionary(ckpt["vocab"]) if ckpt else None
     corpus = Corpus(cfg.data, dictionary)
-    train_data = batchify(corpus.train, cfg.batch_size).to(device)
-    valid_data = batchify(corpus.valid, cfg.eval_batch_size).to(device)
-    test_data = batchify(corpus.test, cfg.eval_batch_size).to(device)
+    # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
+    rows = world.rows(cfg.batch_size)
+    eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
+    train_data = batchify(corpus.train, cfg.batch_size)[rows].to(device)
+    valid_data = batchify(corpus.valid, cfg.eval_batch_size)[eval_rows].to(device)
+    test_data = batchify(corpus.test, cfg.eval_batch_size)[eval_rows].to(device)
     tbptt_windows(train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
     planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * steps_per_epoch)  # the schedule's horizon
     interim_valid = valid_data
     if cfg.eval_tokens:
         interim_valid = valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]
+    local_batch = train_data.shape[0]
 
     # -- model and optimizer ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -261,8 +242,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     if use_graphs and device.type != "cuda":
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if use_graphs and world.enabled:
+        say("CUDA graphs with DistributedDataParallel are not set up yet: running each step eagerly")
+        use_graphs = False
     if use_graphs and scaler is not None:
-        tqdm.write("fp16 needs a gradient scaler whose overflow check reads the host: running eagerly (bf16 can graph)")
+        say("fp16 needs a gradient scaler whose overflow check reads the host: running eagerly (bf16 can graph)")
         use_graphs = False
     # The fused Adam updates all parameters in one kernel: ~6x faster than the default on this CPU.
     # capturable keeps its step count on the device, which a CUDA graph needs.
@@ -275,9 +259,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
         best_valid = ckpt["best_valid_loss"]
-        if ckpt["state"] is not None:
-            state = tuple(s.to(device) for s in ckpt["state"])
-        _set_rng_state(ckpt["rng"])
+        if ckpt["state"] is not None:  # all rows of the global batch: take this rank's
+            state = tuple(s[:, rows].to(device) for s in ckpt["state"])
+        set_rng_state(ckpt["rng"])
 
     def checkpoint(position_epoch: int, position_step: int, carried) -> dict:
         return {
@@ -289,41 +273,54 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
             "epoch": position_epoch,
             "step": position_step,
             "global_step": global_step,
-            "state": None if carried is None else tuple(s.detach().cpu() for s in carried),
-            "rng": _rng_state(),
+            "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
+            "rng": rng_state(),
             "best_valid_loss": best_valid,
         }
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
 
+    def save(obj: dict, path: Path) -> None:
+        if world.is_main:
+            save_checkpoint(obj, path)
+
     def record(**fields_) -> None:
+        if not world.is_main:
+            return
         with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(fields_) + "\n")
 
-    tqdm.write(
+    net = model
+    if world.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    say(
         f"fastlm: {vocab_size} words, {steps_per_epoch} steps/epoch, device {device}, "
+        f"{f'{world.size} ranks of {local_batch} rows, ' if world.enabled else ''}"
         f"LSTM backend {resolve_backend(cfg.backend, device)}, run folder {run_dir}"
     )
     try:
-        stepper = GraphedStep(model, optimizer, cfg.batch_size, cfg.seq_len, cfg.clip, amp_dtype, use_graphs, scaler)
+        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, use_graphs, scaler)
     except RuntimeError as err:  # capture can fail on an unsupported op; the eager step is the same math
-        tqdm.write(f"CUDA graph capture failed ({str(err).splitlines()[0]}): running eagerly")
+        say(f"CUDA graph capture failed ({str(err).splitlines()[0]}): running eagerly")
         use_graphs = False
-        stepper = GraphedStep(model, optimizer, cfg.batch_size, cfg.seq_len, cfg.clip, amp_dtype, False, scaler)
+        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, False, scaler)
     validate = lambda data: evaluate(model, data, cfg.seq_len, capture=use_graphs, amp_dtype=amp_dtype)
     result = TrainResult(run_dir, global_step, [], None, None, None)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     start_time = time.perf_counter()
 
     # -- the loop --------------------------------------------------------------------------------
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while epoch < cfg.epochs:
             stepper.reset_state(state if step > 0 else None)  # zeros at an epoch start, else the resumed state
             steps_since_log, last_log_time = 0, time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", unit="step", disable=None)
+            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", unit="step",
+                       disable=None if world.is_main else True)
             for inputs, targets in tbptt_windows(train_data, cfg.seq_len, start=step):
-                if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.requested:
+                if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.agreed:
                     break
                 p_true = teacher_forcing_probability(cfg.teacher_forcing, cfg.teacher_forcing_schedule,
                                                      global_step / planned_steps)
@@ -337,7 +334,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
                 bar.update()
 
                 if step % cfg.log_interval == 0 or step == steps_per_epoch:
-                    mean_loss = stepper.take_loss_sum() / steps_since_log  # the only sync in the loop
+                    distributed.sum_(stepper.loss_sum)  # each rank's mean over its rows: average them
+                    mean_loss = stepper.take_loss_sum() / steps_since_log / world.size  # the only sync in the loop
+                    stop.agree(world)
                     if not math.isfinite(mean_loss):
                         raise DivergedError(
                             f"the training loss became {mean_loss} at step {global_step}; stopped without "
@@ -345,7 +344,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
                         )
                     now = time.perf_counter()
                     tokens_per_s = steps_since_log * tokens_per_step / (now - last_log_time)
-                    tqdm.write(
+                    say(
                         f"Epoch [{epoch + 1}/{cfg.epochs}], Step[{step}/{steps_per_epoch}], "
                         f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}"
                     )
@@ -363,7 +362,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
             bar.close()
 
             if step < steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
-                save_checkpoint(checkpoint(epoch, step, stepper.state), run_dir / CHECKPOINT)
+                save(checkpoint(epoch, step, stepper.state), run_dir / CHECKPOINT)
                 result.interrupted = stop.requested
                 break
 
@@ -372,22 +371,23 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
                 raise DivergedError(f"the validation loss is {valid_loss} after epoch {epoch + 1}; not saved")
             epoch, step = epoch + 1, 0
             result.valid_ppl = perplexity(valid_loss)
-            tqdm.write(f"Epoch [{epoch}/{cfg.epochs}] validation perplexity: {result.valid_ppl:.2f}")
+            say(f"Epoch [{epoch}/{cfg.epochs}] validation perplexity: {result.valid_ppl:.2f}")
             record(split="valid", epoch=epoch, global_step=global_step, loss=valid_loss, ppl=result.valid_ppl,
                    time=time.perf_counter() - start_time)
             if valid_loss < best_valid:
                 best_valid = valid_loss
-                save_checkpoint(checkpoint(epoch, 0, None), run_dir / BEST)
-            save_checkpoint(checkpoint(epoch, 0, None), run_dir / CHECKPOINT)
+                save(checkpoint(epoch, 0, None), run_dir / BEST)
+            save(checkpoint(epoch, 0, None), run_dir / CHECKPOINT)
 
     result.global_step = global_step
     if epoch >= cfg.epochs and not result.interrupted:
         result.test_ppl = perplexity(validate(test_data))
-        tqdm.write(f"Test perplexity (last weights, {run_dir / CHECKPOINT}): {result.test_ppl:.2f}")
+        say(f"Test perplexity (last weights, {run_dir / CHECKPOINT}): {result.test_ppl:.2f}")
         record(split="test", weights="last", global_step=global_step, ppl=result.test_ppl)
+        distributed.barrier()  # best.pt is written by rank 0 and read by all
         if (run_dir / BEST).is_file():
             model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
             result.best_test_ppl = perplexity(validate(test_data))
-            tqdm.write(f"Test perplexity (best validation, {run_dir / BEST}): {result.best_test_ppl:.2f}")
+            say(f"Test perplexity (best validation, {run_dir / BEST}): {result.best_test_ppl:.2f}")
             record(split="test", weights="best", global_step=global_step, ppl=result.best_test_ppl)
     return result
