@@ -2,14 +2,33 @@
 
     pytest benchmarks/test_train_step.py --benchmark-only
 
-`plain` is the classic PyTorch tutorial loop: nn.LSTM model, default Adam, clip_grad_norm_,
-`loss.item()` every step. `fastlm-eager` is fastlm's step (fused Adam, foreach clipping, no sync);
-on CUDA, `fastlm-graphs-bf16` replays the whole step as one CUDA graph under bf16 autocast.
-Both run on the same real PTB windows (random tokens if PTB is absent), state carried across steps.
+Providers, in the order they run (the order matters on the CPU, see `allocator` below):
+
+- `plain`: the classic PyTorch tutorial loop (nn.LSTM model, default Adam, clip_grad_norm_,
+  `loss.item()` every step), with glibc's allocator as it comes. The baseline.
+- `plain+retained-memory` (CPU): the same loop after `retain_freed_memory()`, to show how much of
+  fastlm's CPU gain is the allocator alone.
+- `fastlm-fp32`: the trainer's step (`GraphedStep`, eager: fused Adam, foreach clipping, no sync),
+  as `python -m fastlm.train` runs it by default on the CPU.
+- `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): AMX on the CPU where it exists; on
+  CUDA the whole step replayed as one CUDA graph (`fastlm-graphs-bf16`).
+- `matmuls-only`: nothing but the step's matrix products at their real shapes, outputs allocated
+  once: what the arithmetic alone costs on this machine, the attainable floor.
+
+All run on the same real PTB windows (random tokens if PTB is absent), state carried across steps.
+Each row records `allocator`: whether freed memory was being retained when it was measured.
+
+This machine's speed drifts (a shared VM: the same step varies by 20% from one minute to the next),
+so besides each provider's own median, every fastlm row times one plain-loop step before each of its
+rounds: `speedup_vs_plain_alongside` compares medians taken in the same minute. On the CPU that
+plain loop runs with retained memory too (the setting cannot be undone), so that ratio is fastlm's
+gain beyond the allocator.
 """
 from __future__ import annotations
 
 import itertools
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.conftest import matmul_gflops
+from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.data import Corpus, batchify, tbptt_windows
+from fastlm.graphs import GraphedStep
 from fastlm.model import RNNLM
-from fastlm.trainer import TrainConfig, train_step
+from fastlm.trainer import TrainConfig
 
 CFG = TrainConfig()
 VOCAB = 10000
 PTB = Path(__file__).resolve().parents[1] / "data" / "ptb"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GROUP = "train-step B20 T30 E128 H1024 V10k"
 
 
 def step_flops(cfg: TrainConfig = CFG, vocab: int = VOCAB) -> float:
@@ -34,6 +56,10 @@ def step_flops(cfg: TrainConfig = CFG, vocab: int = VOCAB) -> float:
     lstm = 2 * tokens * 4 * cfg.hidden_size * (cfg.embed_size + cfg.hidden_size)
     output = 2 * tokens * cfg.hidden_size * vocab
     return 3 * (lstm + output)
+
+
+def allocator() -> str:
+    return "retained" if is_retaining_freed_memory() else "as it comes"
 
 
 class ClassicRNNLM(nn.Module):
@@ -63,14 +89,33 @@ def _zero_state():
     return torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)
 
 
-def _run(benchmark, step):
-    rounds = 10 if DEVICE == "cpu" else 100
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
+def _run(benchmark, step, alongside=None) -> dict:
+    """Time `step`; with `alongside` (the plain loop's step), also time one of those right before
+    every round, so that the ratio of the two medians holds even when the machine's speed drifts."""
+    rounds, warmup = (15 if DEVICE == "cpu" else 100), 2
+    paired = []
+
+    def setup():
+        if alongside is not None:
+            start = time.perf_counter()
+            alongside()
+            paired.append(time.perf_counter() - start)
+
+    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    if alongside is None:
+        return {}
+    plain_s = statistics.median(paired[warmup:])
+    return {"plain_alongside_s": plain_s, "speedup_vs_plain_alongside": plain_s / benchmark.stats.stats.median}
 
 
-@pytest.mark.benchmark(group="train-step")
-def test_plain_loop(benchmark, record, windows):
-    batches, source = windows
+def _floor_fields(benchmark) -> dict:
+    floor_s = step_flops() / (matmul_gflops(DEVICE) * 1e9)
+    return {"gflop_per_step": step_flops() / 1e9, "matmul_gflops": matmul_gflops(DEVICE), "floor_s": floor_s,
+            "median_over_floor": benchmark.stats.stats.median / floor_s}
+
+
+def _plain_loop(windows):
+    batches, _ = windows
     torch.manual_seed(0)
     model = ClassicRNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers).to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr)
@@ -87,52 +132,95 @@ def test_plain_loop(benchmark, record, windows):
         optimizer.step()
         return loss.item()
 
-    _run(benchmark, step)
-    record("train-step B20 T30 E128 H1024 V10k", "plain", benchmark, baseline=True, data=source)
+    return step
+
+
+@pytest.fixture(scope="module")
+def plain_step(windows):
+    """The plain loop, stepped between the rounds of every other provider (its own model and state)."""
+    return _plain_loop(windows)
 
 
 @pytest.mark.benchmark(group="train-step")
-def test_fastlm_eager(benchmark, record, windows):
-    batches, source = windows
-    torch.manual_seed(0)
-    model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend="auto").to(DEVICE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr, fused=True)
-    data, state = itertools.cycle(batches), [_zero_state()]
-
-    def step():
-        inputs, targets = next(data)
-        loss, state[0] = train_step(model, optimizer, inputs, targets, state[0], CFG.clip)
-        return loss
-
-    def synced_step():
-        loss = step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return loss
-
-    _run(benchmark, synced_step)
-    floor_s = step_flops() / (matmul_gflops(DEVICE) * 1e9)
-    record("train-step B20 T30 E128 H1024 V10k", "fastlm-eager", benchmark, data=source,
-           gflop_per_step=step_flops() / 1e9, floor_s=floor_s, median_over_floor=benchmark.stats.stats.median / floor_s)
+def test_plain_loop(benchmark, record, windows):
+    _run(benchmark, _plain_loop(windows))
+    record(GROUP, "plain", benchmark, baseline=True, data=windows[1], allocator=allocator())
 
 
 @pytest.mark.benchmark(group="train-step")
-def test_fastlm_graphs_amp(benchmark, record, windows):
-    if DEVICE != "cuda":
-        pytest.skip("CUDA graphs and bf16 autocast need a CUDA GPU")
-    from fastlm.graphs import GraphedStep
+def test_plain_loop_retained_memory(benchmark, record, windows):
+    if DEVICE != "cpu":
+        pytest.skip("the allocator setting is about CPU tensors")
+    retain_freed_memory()
+    _run(benchmark, _plain_loop(windows))
+    record(GROUP, "plain+retained-memory", benchmark, data=windows[1], allocator=allocator())
 
-    batches, source = windows
+
+def _fastlm_step(windows, amp_dtype, capture: bool):
+    batches, _ = windows
+    if DEVICE == "cpu":
+        retain_freed_memory()  # as the trainer does on the CPU
     torch.manual_seed(0)
     model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend="auto").to(DEVICE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr, fused=True, capturable=True)
-    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, torch.bfloat16, capture=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr, fused=True, capturable=capture)
+    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype, capture=capture)
     data = itertools.cycle(batches)
 
     def step():
         stepper.step(*next(data))
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
-    _run(benchmark, step)
-    record("train-step B20 T30 E128 H1024 V10k", "fastlm-graphs-bf16", benchmark, data=source,
-           tokens_per_s=CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median)
+    return step
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_fastlm_fp32(benchmark, record, windows, plain_step):
+    paired = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step)
+    record(GROUP, "fastlm-fp32", benchmark, data=windows[1], allocator=allocator(), **paired,
+           **_floor_fields(benchmark))
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_fastlm_bf16(benchmark, record, windows, plain_step):
+    capture = DEVICE == "cuda"
+    paired = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step)
+    name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
+    caps = getattr(torch.cpu, "get_capabilities", dict)() if DEVICE == "cpu" else {}
+    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=bool(caps.get("amx_bf16")),
+           tokens_per_s=CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median, **paired)
+
+
+def _matmuls(dtype: torch.dtype):
+    """The products of one step at their shapes (input projection, recurrence, output layer, and
+    the two gradients of each), into outputs allocated once."""
+    B, T, E, H, V, N = CFG.batch_size, CFG.seq_len, CFG.embed_size, CFG.hidden_size, VOCAB, CFG.batch_size * CFG.seq_len
+    r = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=dtype)
+    x, w_ih, w_hh, hs, w_out, h, dg = r(N, E), r(4 * H, E), r(4 * H, H), r(N, H), r(V, H), r(B, H), r(B, 4 * H)
+    gx, g, logits, d_logits, dgs = r(N, 4 * H), r(B, 4 * H), r(N, V), r(N, V), r(N, 4 * H)
+    dhs, dw_out, dh, dw_hh, dx, dw_ih = r(N, H), r(V, H), r(B, H), r(4 * H, H), r(N, E), r(4 * H, E)
+
+    def run():
+        torch.mm(x, w_ih.t(), out=gx)
+        for _ in range(T):
+            torch.mm(h, w_hh.t(), out=g)
+        torch.mm(hs, w_out.t(), out=logits)
+        torch.mm(d_logits, w_out, out=dhs)
+        torch.mm(d_logits.t(), hs, out=dw_out)
+        for _ in range(T):
+            torch.mm(dg, w_hh, out=dh)
+        torch.mm(dgs.t(), hs, out=dw_hh)
+        torch.mm(dgs, w_ih, out=dx)
+        torch.mm(dgs.t(), x, out=dw_ih)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_matmuls_only(benchmark, record, windows, plain_step):
+    # fp32, like the default step and the floor's matmul rate, on either device
+    paired = _run(benchmark, _matmuls(torch.float32), plain_step)
+    record(GROUP, "matmuls-only-fp32", benchmark, data=windows[1], allocator=allocator(), **paired,
+           **_floor_fields(benchmark))

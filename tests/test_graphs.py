@@ -7,7 +7,7 @@ import torch
 from fastlm.cli import run_main
 from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedStep
-from fastlm.lstm import LSTM
+from fastlm.lstm import recurrence_dtype
 from fastlm.model import RNNLM
 from fastlm.train import main as train_main
 from fastlm.trainer import train_step
@@ -72,14 +72,24 @@ def test_a_scaler_cannot_be_captured(corpus_dir):
         GraphedStep(model, optimizer, 4, 5, 0.5, torch.float16, capture=True, scaler=torch.amp.GradScaler("cpu"))
 
 
-def test_torch_lstm_under_autocast_runs_in_the_asked_dtype():
-    lstm = LSTM(6, 8, 2, backend="torch")
-    x, state = torch.randn(3, 4, 6), (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
-    want, _ = lstm(x, state)
+def test_torch_lstm_under_cpu_autocast_keeps_its_recurrence_in_fp32():
+    model = RNNLM(20, 6, 8, 2, backend="torch")
+    tokens, state = torch.randint(0, 20, (3, 4)), (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    want, (want_h, want_c) = model.lstm(model.embed(tokens), state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, (h, c) = lstm(x, state)
-    assert got.dtype == h.dtype == torch.bfloat16
-    assert_rel_close(got, want, TOLERANCE[torch.bfloat16], "out under bf16 autocast")
+        logits, (h, c) = model(tokens, state)
+        got, _ = model.lstm(model.embed(tokens), state)
+    assert logits.dtype == torch.bfloat16, "the output layer runs in bf16"
+    assert got.dtype == h.dtype == c.dtype == torch.float32
+    for name, a, b in (("out", got, want), ("h", h, want_h), ("c", c, want_c)):
+        assert_rel_close(a, b, TOLERANCE[torch.float32], f"{name} under bf16 autocast")
+
+
+@pytest.mark.parametrize("device_type, asked, runs", [("cuda", torch.bfloat16, torch.bfloat16),
+                                                      ("cuda", torch.float16, torch.float16),
+                                                      ("cpu", torch.bfloat16, torch.float32)])
+def test_the_recurrence_runs_in_the_asked_dtype_except_on_the_cpu(device_type, asked, runs):
+    assert recurrence_dtype(device_type, asked) == runs
 
 
 def test_cuda_graphs_on_the_cpu_is_a_clear_error(corpus_dir, tmp_path, capsys):

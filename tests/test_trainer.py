@@ -39,6 +39,22 @@ def test_training_learns_the_corpus(corpus_dir, tmp_path):
     assert result.test_ppl is not None and result.best_test_ppl is not None
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-cpu", "plain-cpu"])
+def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, tmp_path, monkeypatch, capsys, amx):
+    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: amx)
+    amp_dtypes = []
+
+    class RecordingStep(trainer.GraphedStep):
+        def __init__(self, model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest):
+            amp_dtypes.append(amp_dtype)
+            super().__init__(model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest)
+
+    monkeypatch.setattr(trainer, "GraphedStep", RecordingStep)
+    train(tiny(corpus_dir, tmp_path / "run", epochs=1))
+    assert amp_dtypes == [None], "the CPU default must train in float32 (no autocast)"
+    assert ("--amp bf16" in capsys.readouterr().out) == amx
+
+
 @pytest.mark.parametrize("feeding", [
     {},
     # Scheduled sampling draws coin flips and words from the RNG, so this also checks its saved state.
