@@ -253,7 +253,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if device.type == "cpu":
-        retain_freed_memory()  # page faults on freshly mapped tensors were ~20% of a CPU step
+        retain_freed_memory()  # no page faults on freshly mapped tensors every step
         if cfg.amp == "auto" and cpu_multiplies_bf16():
             say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, LSTM in fp32)")
     if use_graphs and world.enabled:

@@ -1,10 +1,10 @@
-"""retain_freed_memory: the tensors of a repeated step reuse freed memory instead of faulting in new pages.
+"""retain_freed_memory: a repeated step's tensors reuse freed memory instead of faulting in new pages.
 
 Counted in a fresh interpreter (the setting is process-wide, and the trainer tests apply it too):
-minor page faults (getrusage) over one "step" that allocates, writes and frees tensors of a training
-step's sizes, after a few such steps, before and after the call (the last three steps after it). "Before" pins glibc's documented
-defaults (mmap from 128 KiB, trim at 128 KiB): left alone, glibc raises those thresholds as the
-process frees memory, so the count would depend on what ran before.
+minor page faults (getrusage) in one "step" that allocates, writes and frees tensors of a training
+step's sizes, after a few such steps, before the call and (the last three of eight) after it.
+"Before" pins glibc's documented defaults (mmap from 128 KiB, trim at 128 KiB): left alone, glibc
+raises those thresholds as the process frees memory, and the count would depend on what ran first.
 """
 from __future__ import annotations
 
