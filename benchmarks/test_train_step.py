@@ -10,10 +10,11 @@ Providers, in the order they run (the order matters on the CPU, see `allocator` 
   fastlm's CPU gain is the allocator alone.
 - `fastlm-fp32`: the trainer's step (`GraphedStep`, eager: fused Adam, foreach clipping, no sync),
   as `python -m fastlm.train` runs it by default on the CPU.
-- `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): AMX on the CPU where it exists; on
-  CUDA the whole step replayed as one CUDA graph (`fastlm-graphs-bf16`).
-- `matmuls-only`: nothing but the step's matrix products at their real shapes, outputs allocated
-  once: what the arithmetic alone costs on this machine, the attainable floor.
+- `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): on the CPU the output layer runs on
+  AMX where it exists and the LSTM stays fp32; on CUDA the whole step is replayed as one CUDA
+  graph (`fastlm-graphs-bf16`).
+- `matmuls-only-fp32`: nothing but the step's matrix products at their real shapes, outputs
+  allocated once: what the arithmetic alone costs on this machine, the attainable floor.
 
 All run on the same real PTB windows (random tokens if PTB is absent), state carried across steps.
 Each row records `allocator`: whether freed memory was being retained when it was measured.
