@@ -42,7 +42,7 @@ from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedStep
 from fastlm.model import RNNLM
-from fastlm.trainer import TrainConfig
+from fastlm.trainer import TrainConfig, cpu_multiplies_bf16
 
 CFG = TrainConfig()
 VOCAB = 10000
@@ -187,8 +187,8 @@ def test_fastlm_bf16(benchmark, record, windows, plain_step):
     capture = DEVICE == "cuda"
     paired = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
-    caps = getattr(torch.cpu, "get_capabilities", dict)() if DEVICE == "cpu" else {}
-    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=bool(caps.get("amx_bf16")),
+    amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
+    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16,
            tokens_per_s=CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median, **paired)
 
 
