@@ -20,8 +20,19 @@ RESULTS = Path(__file__).parent / "results"
 _rows: list[dict] = []
 
 
+def cpu_model() -> str:
+    """The processor's marketing name where Linux tells it, else its architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+    info = {"host": platform.node(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
     try:

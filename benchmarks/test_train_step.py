@@ -91,8 +91,9 @@ def _zero_state():
 
 
 def _run(benchmark, step, alongside=None) -> dict:
-    """Time `step`; with `alongside` (the plain loop's step), also time one of those right before
-    every round, so that the ratio of the two medians holds even when the machine's speed drifts."""
+    """Time `step` and return the row's fields (tokens/s; with `alongside`, the plain loop's step,
+    also one of those timed right before every round, so that the ratio of the two medians holds
+    even when the machine's speed drifts)."""
     rounds, warmup = (15 if DEVICE == "cpu" else 100), 2
     paired = []
 
@@ -103,10 +104,11 @@ def _run(benchmark, step, alongside=None) -> dict:
             paired.append(time.perf_counter() - start)
 
     benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if alongside is None:
-        return {}
-    plain_s = statistics.median(paired[warmup:])
-    return {"plain_alongside_s": plain_s, "speedup_vs_plain_alongside": plain_s / benchmark.stats.stats.median}
+    fields = {"tokens_per_s": CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median}
+    if alongside is not None:
+        plain_s = statistics.median(paired[warmup:])
+        fields.update(plain_alongside_s=plain_s, speedup_vs_plain_alongside=plain_s / benchmark.stats.stats.median)
+    return fields
 
 
 def _floor_fields(benchmark) -> dict:
@@ -144,8 +146,8 @@ def plain_step(windows):
 
 @pytest.mark.benchmark(group="train-step")
 def test_plain_loop(benchmark, record, windows):
-    _run(benchmark, _plain_loop(windows))
-    record(GROUP, "plain", benchmark, baseline=True, data=windows[1], allocator=allocator())
+    fields = _run(benchmark, _plain_loop(windows))
+    record(GROUP, "plain", benchmark, baseline=True, data=windows[1], allocator=allocator(), **fields)
 
 
 @pytest.mark.benchmark(group="train-step")
@@ -153,8 +155,8 @@ def test_plain_loop_retained_memory(benchmark, record, windows):
     if DEVICE != "cpu":
         pytest.skip("the allocator setting is about CPU tensors")
     retain_freed_memory()
-    _run(benchmark, _plain_loop(windows))
-    record(GROUP, "plain+retained-memory", benchmark, data=windows[1], allocator=allocator())
+    fields = _run(benchmark, _plain_loop(windows))
+    record(GROUP, "plain+retained-memory", benchmark, data=windows[1], allocator=allocator(), **fields)
 
 
 def _fastlm_step(windows, amp_dtype, capture: bool):
@@ -177,19 +179,18 @@ def _fastlm_step(windows, amp_dtype, capture: bool):
 
 @pytest.mark.benchmark(group="train-step")
 def test_fastlm_fp32(benchmark, record, windows, plain_step):
-    paired = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step)
-    record(GROUP, "fastlm-fp32", benchmark, data=windows[1], allocator=allocator(), **paired,
+    fields = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step)
+    record(GROUP, "fastlm-fp32", benchmark, data=windows[1], allocator=allocator(), **fields,
            **_floor_fields(benchmark))
 
 
 @pytest.mark.benchmark(group="train-step")
 def test_fastlm_bf16(benchmark, record, windows, plain_step):
     capture = DEVICE == "cuda"
-    paired = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step)
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
     amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
-    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16,
-           tokens_per_s=CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median, **paired)
+    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, **fields)
 
 
 def _matmuls(dtype: torch.dtype):
@@ -222,6 +223,6 @@ def _matmuls(dtype: torch.dtype):
 @pytest.mark.benchmark(group="train-step")
 def test_matmuls_only(benchmark, record, windows, plain_step):
     # fp32, like the default step and the floor's matmul rate, on either device
-    paired = _run(benchmark, _matmuls(torch.float32), plain_step)
-    record(GROUP, "matmuls-only-fp32", benchmark, data=windows[1], allocator=allocator(), **paired,
+    fields = _run(benchmark, _matmuls(torch.float32), plain_step)
+    record(GROUP, "matmuls-only-fp32", benchmark, data=windows[1], allocator=allocator(), **fields,
            **_floor_fields(benchmark))

@@ -80,6 +80,7 @@ class TrainResult:
     test_ppl: float | None  # of the last weights
     best_test_ppl: float | None  # of the best-by-validation weights
     interrupted: bool = False
+    train_seconds: float = 0.0  # steps and validation, from the first step on; checkpoint writes excluded
 
 
 def resume_config(saved: dict, overrides: dict) -> TrainConfig:
@@ -296,9 +297,17 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
 
+    saving_seconds = 0.0  # kept out of the training time: disk speed is not training speed
+
     def save(obj: dict, path: Path) -> None:
+        nonlocal saving_seconds
+        started = time.perf_counter()
         if world.is_main:
             save_checkpoint(obj, path)
+        saving_seconds += time.perf_counter() - started
+
+    def training_seconds() -> float:
+        return time.perf_counter() - start_time - saving_seconds
 
     def record(**fields_) -> None:
         if not world.is_main:
@@ -324,7 +333,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
     validate = lambda data: evaluate(model, data, cfg.seq_len, capture=use_graphs, amp_dtype=amp_dtype)
     result = TrainResult(run_dir, global_step, [], None, None, None)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    start_time = time.perf_counter()
+    start_time, start_step = time.perf_counter(), global_step
 
     # -- the loop --------------------------------------------------------------------------------
     with StopFlag() as stop:
@@ -364,7 +373,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
                     )
                     bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
                     record(split="train", epoch=epoch + 1, step=step, global_step=global_step, loss=mean_loss,
-                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=now - start_time,
+                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=training_seconds(),
                            teacher_forcing=p_true)
                     result.train_losses.append(mean_loss)
                     steps_since_log, last_log_time = 0, now
@@ -372,7 +381,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
                     interim_loss = validate(interim_valid)
                     record(split="valid", epoch=epoch + 1, step=step, global_step=global_step, loss=interim_loss,
                            ppl=perplexity(interim_loss), tokens=interim_valid.numel(),
-                           time=time.perf_counter() - start_time)
+                           time=training_seconds())
             bar.close()
 
             if step < steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
@@ -387,13 +396,15 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
             result.valid_ppl = perplexity(valid_loss)
             say(f"Epoch [{epoch}/{cfg.epochs}] validation perplexity: {result.valid_ppl:.2f}")
             record(split="valid", epoch=epoch, global_step=global_step, loss=valid_loss, ppl=result.valid_ppl,
-                   time=time.perf_counter() - start_time)
+                   time=training_seconds())
             if valid_loss < best_valid:
                 best_valid = valid_loss
                 save(checkpoint(epoch, 0, None), run_dir / BEST)
             save(checkpoint(epoch, 0, None), run_dir / CHECKPOINT)
 
-    result.global_step = global_step
+    result.global_step, result.train_seconds = global_step, training_seconds()
+    say(f"Training time: {result.train_seconds:.1f} s for {global_step - start_step} steps and their validations "
+        f"({saving_seconds:.1f} s of checkpoint writes not counted)")
     if epoch >= cfg.epochs and not result.interrupted:
         result.test_ppl = perplexity(validate(test_data))
         say(f"Test perplexity (last weights, {run_dir / CHECKPOINT}): {result.test_ppl:.2f}")

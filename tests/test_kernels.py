@@ -4,6 +4,7 @@ fused_lstm runs under TRITON_INTERPRET=1 (set in conftest.py before any kernel i
 TRITON_INTERPRET=0 on a machine with a CUDA GPU (benchmarks/gpu_check.sh) the same tests run the
 compiled kernel on the GPU.
 """
+import json
 import os
 import subprocess
 import sys
@@ -161,10 +162,13 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
         fused_lstm(*[t.cpu() for t in lstm_inputs(2, 3, 4, 8)])
 
 
-def test_compiles_for_hopper_without_spills_and_with_tensor_cores():
+def test_compiles_for_hopper_without_spills_and_with_tensor_cores(tmp_path):
     """benchmarks/compile_check.py builds every launcher config for sm_90 (needs real, not interpreted, kernels)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_check"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    # Its report goes to tmp_path: a test run leaves the committed results alone.
+    report = tmp_path / "compile_check.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--out", str(report)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all configurations passed" in proc.stdout
+    assert len(json.loads(report.read_text())["configs"]) == 81

@@ -55,6 +55,28 @@ def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, 
     assert ("--amp bf16" in capsys.readouterr().out) == amx
 
 
+def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkeypatch, capsys):
+    # Every epoch writes two checkpoints; make each write take 0.4 s, far longer than the steps.
+    real_save, writes = trainer.save_checkpoint, []
+
+    def slow_save(obj, path):
+        time.sleep(0.4)
+        writes.append(path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
+    started = time.perf_counter()
+    result = train(tiny(corpus_dir, tmp_path / "run", epochs=2))
+    wall = time.perf_counter() - started
+    assert len(writes) == 4
+    assert 0 < result.train_seconds < wall - 4 * 0.4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch_ends = [r["time"] for r in records if r["split"] == "valid"]
+    assert epoch_ends[-1] <= result.train_seconds and epoch_ends[1] - epoch_ends[0] < 0.4, \
+        "the second epoch's time includes the first epoch's checkpoint writes"
+    assert f"Training time: {result.train_seconds:.1f} s for {result.global_step} steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("feeding", [
     {},
     # Scheduled sampling draws coin flips and words from the RNG, so this also checks its saved state.
