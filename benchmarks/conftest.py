@@ -49,21 +49,36 @@ def machine() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_gflops(device: str = "cpu", n: int = 2048, repeats: int = 7) -> float:
-    """The best rate of a large fp32 matmul into a preallocated output: this machine's arithmetic
-    ceiling (allocating the output would add page faults to it on the CPU)."""
+def _matmul_operands(device: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a, b, out = (torch.randn(n, n, device=device) for _ in range(3))
+    torch.mm(a, b, out=out)  # first call: library set-up, page faults
+    return a, b, out
+
+
+_rates_seen: dict[str, list[float]] = {}
+
+
+def matmul_rate(device: str = "cpu", n: int = 2048) -> float:
+    """GFLOP/s of one large fp32 matmul into a preallocated output (allocating it would add page
+    faults on the CPU): the machine's arithmetic rate at this moment."""
+    a, b, out = _matmul_operands(device, n)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rate = 2 * n**3 / (time.perf_counter() - start) / 1e9
+    _rates_seen.setdefault(device, []).append(rate)
+    return rate
+
+
+def matmul_gflops(device: str = "cpu", repeats: int = 7) -> float:
+    """This machine's arithmetic ceiling: the best `matmul_rate` seen in this run so far (at least
+    `repeats` of them), so a moment of contention on a shared machine cannot lower it."""
+    while len(_rates_seen.get(device, [])) < repeats:
+        matmul_rate(device)
+    return max(_rates_seen[device])
 
 
 @pytest.fixture(scope="session")

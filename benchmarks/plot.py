@@ -1,6 +1,7 @@
 """python -m benchmarks.plot [results/*.json]: a bar chart of medians per group for each saved result."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -10,9 +11,20 @@ from fastlm.plots import _pyplot
 RESULTS = Path(__file__).parent / "results"
 
 
+def load_result(path: Path) -> dict:
+    """A result saved by benchmarks/conftest.py, or ValueError saying why the file is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not {"results", "machine"} <= data.keys():
+        raise ValueError(f"{path} is not a saved benchmark result (no 'results' and 'machine')")
+    return data
+
+
 def plot(path: Path) -> Path:
     plt = _pyplot()
-    data = json.loads(path.read_text())
+    data = load_result(path)
     rows = data["results"]
     groups = list(dict.fromkeys(r["group"] for r in rows))
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 1.1 * len(groups) + 0.3 * len(rows)), squeeze=False)
@@ -34,9 +46,17 @@ def plot(path: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    paths = [Path(p) for p in argv] or sorted(p for p in RESULTS.glob("*.json") if p.name != "compile_check.json")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
+                                     description="Draw a PNG beside each saved benchmark result.")
+    parser.add_argument("results", nargs="*", type=Path, help="result JSON files (default: all in benchmarks/results)")
+    paths = parser.parse_args(argv).results
+    paths = paths or sorted(p for p in RESULTS.glob("*.json") if p.name != "compile_check.json")
     for path in paths:
-        print(f"wrote {plot(path)}")
+        try:
+            print(f"wrote {plot(path)}")
+        except ValueError as err:
+            print(f"error: {err}; pass files written by `pytest benchmarks/ --benchmark-only`", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -23,7 +23,9 @@ This machine's speed drifts (a shared VM: the same step varies by 20% from one m
 so besides each provider's own median, every fastlm row times one plain-loop step before each of its
 rounds: `speedup_vs_plain_alongside` compares medians taken in the same minute. On the CPU that
 plain loop runs with retained memory too (the setting cannot be undone), so that ratio is fastlm's
-gain beyond the allocator.
+gain beyond the allocator. Likewise the floor: besides the run's best 2048³ matmul rate
+(`median_over_floor`), each round also times one 2048³ product, and `median_over_floor_alongside`
+divides by the floor at the median of those rates, the machine's speed in the same minutes.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.conftest import matmul_gflops
+from benchmarks.conftest import matmul_gflops, matmul_rate
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedStep
@@ -91,30 +93,38 @@ def _zero_state():
 
 
 def _run(benchmark, step, alongside=None) -> dict:
-    """Time `step` and return the row's fields (tokens/s; with `alongside`, the plain loop's step,
-    also one of those timed right before every round, so that the ratio of the two medians holds
-    even when the machine's speed drifts)."""
+    """Time `step` and return the row's fields: tokens/s, and with `alongside` (the plain loop's
+    step) what was measured right before every round, so that ratios hold while the machine's
+    speed drifts: one plain step, and the machine's matmul rate at that moment."""
     rounds, warmup = (15 if DEVICE == "cpu" else 100), 2
-    paired = []
+    plain_s, rates = [], []
 
     def setup():
         if alongside is not None:
             start = time.perf_counter()
             alongside()
-            paired.append(time.perf_counter() - start)
+            plain_s.append(time.perf_counter() - start)
+            rates.append(matmul_rate(DEVICE))
 
     benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    fields = {"tokens_per_s": CFG.batch_size * CFG.seq_len / benchmark.stats.stats.median}
+    median = benchmark.stats.stats.median
+    fields = {"tokens_per_s": CFG.batch_size * CFG.seq_len / median}
     if alongside is not None:
-        plain_s = statistics.median(paired[warmup:])
-        fields.update(plain_alongside_s=plain_s, speedup_vs_plain_alongside=plain_s / benchmark.stats.stats.median)
+        plain = statistics.median(plain_s[warmup:])
+        fields.update(plain_alongside_s=plain, speedup_vs_plain_alongside=plain / median,
+                      matmul_gflops_alongside=statistics.median(rates[warmup:]))
     return fields
 
 
-def _floor_fields(benchmark) -> dict:
-    floor_s = step_flops() / (matmul_gflops(DEVICE) * 1e9)
-    return {"gflop_per_step": step_flops() / 1e9, "matmul_gflops": matmul_gflops(DEVICE), "floor_s": floor_s,
-            "median_over_floor": benchmark.stats.stats.median / floor_s}
+def _floor_fields(benchmark, fields: dict) -> dict:
+    """The step's matmul FLOPs at the run's best matmul rate (`floor_s`), and at the median rate
+    measured alongside this row's rounds (`floor_alongside_s`, the fairer pairing on a drifting VM)."""
+    median, flops = benchmark.stats.stats.median, step_flops()
+    floor_s = flops / (matmul_gflops(DEVICE) * 1e9)
+    floor_alongside_s = flops / (fields["matmul_gflops_alongside"] * 1e9)
+    return {"gflop_per_step": flops / 1e9, "matmul_gflops": matmul_gflops(DEVICE), "floor_s": floor_s,
+            "median_over_floor": median / floor_s, "floor_alongside_s": floor_alongside_s,
+            "median_over_floor_alongside": median / floor_alongside_s}
 
 
 def _plain_loop(windows):
@@ -181,7 +191,7 @@ def _fastlm_step(windows, amp_dtype, capture: bool):
 def test_fastlm_fp32(benchmark, record, windows, plain_step):
     fields = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step)
     record(GROUP, "fastlm-fp32", benchmark, data=windows[1], allocator=allocator(), **fields,
-           **_floor_fields(benchmark))
+           **_floor_fields(benchmark, fields))
 
 
 @pytest.mark.benchmark(group="train-step")
@@ -225,4 +235,4 @@ def test_matmuls_only(benchmark, record, windows, plain_step):
     # fp32, like the default step and the floor's matmul rate, on either device
     fields = _run(benchmark, _matmuls(torch.float32), plain_step)
     record(GROUP, "matmuls-only-fp32", benchmark, data=windows[1], allocator=allocator(), **fields,
-           **_floor_fields(benchmark))
+           **_floor_fields(benchmark, fields))
