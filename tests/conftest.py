@@ -11,6 +11,21 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def pytest_configure(config):
+    # Triton's interpreter before 3.7 turns a 1-element array into an int, which numpy 2.4 refuses:
+    # every kernel test would fail inside Triton with "only 0-dimensional arrays can be converted".
+    if os.environ["TRITON_INTERPRET"] not in ("", "0"):
+        try:
+            import numpy
+            import triton
+        except ImportError:
+            return
+        version = lambda text: tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+        if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+            pytest.exit(f"triton {triton.__version__}'s interpreter cannot run on numpy {numpy.__version__}: "
+                        "pip install 'numpy<2.4' (or triton>=3.7, if your torch allows it)", returncode=2)
+
 REPO = Path(__file__).resolve().parents[1]
 PTB = REPO / "data" / "ptb"
 
