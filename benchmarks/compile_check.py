@@ -6,8 +6,10 @@ For float32, bfloat16 and float16, H ∈ {256, 1024, 2048} and batch sizes that 
 the launchers choose, it builds both step kernels with `triton.compile` for GPUTarget("cuda", 90, 32)
 and reads the cubin with the cuobjdump shipped in the triton wheel. It asserts: the kernel compiles;
 no register spills (LOCAL:0 in `cuobjdump -res-usage`, no LDL/STL in the SASS); for bf16/fp16 the
-recurrent product runs on tensor cores (HMMA or HGMMA in the SASS). It prints registers and shared
-memory per configuration. Run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
+recurrent product runs on tensor cores (HMMA or HGMMA in the SASS). It prints, per configuration,
+registers, shared memory (static, and the dynamic part Triton asks for at launch: its pipeline
+buffers) and the cp.async copies (LDGSTS) that show the K loop was software-pipelined. Run with
+TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ def _resources(cubin: bytes) -> dict:
         "local": int(numbers["LOCAL"]),
         "spill_instructions": len(re.findall(r"\b(LDL|STL)\b", sass)),
         "tensor_core_instructions": len(re.findall(r"\b(HMMA|HGMMA)\b", sass)),
+        # cp.async copies: Triton pipelined the K loop (num_stages), loads overlap the products
+        "async_copy_instructions": len(re.findall(r"\bLDGSTS\b", sass)),
     }
 
 
@@ -86,7 +90,10 @@ def check_all() -> list[dict]:
                                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             row = {"kernel": name, "dtype": DTYPES[dtype], "H": H, "BLOCK_B": cfg.block_b, "BLOCK_N": cfg.block_n,
                    "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                   **_resources(compiled.asm["cubin"])}
+                   **_resources(compiled.asm["cubin"]),
+                   # cuobjdump's SHARED is the static part only; Triton asks for its pipeline
+                   # buffers as dynamic shared memory at launch
+                   "dynamic_shared": compiled.metadata.shared}
             problems = []
             if row["local"] or row["spill_instructions"]:
                 problems.append("register spills")
@@ -106,12 +113,13 @@ def main(argv=None) -> int:
         print("error: TRITON_INTERPRET is set; unset it to compile the kernels", file=sys.stderr)
         return 2
     rows = check_all()
-    header = f"{'kernel':9} {'dtype':5} {'H':>5} {'BLOCK B/N/K':>12} {'regs':>5} {'smem':>6} {'local':>5} {'TC ops':>6}  result"
-    print(header)
+    print(f"{'kernel':9} {'dtype':5} {'H':>5} {'BLOCK B/N/K':>12} {'regs':>5} {'static smem':>11} {'dyn smem':>8} {'local':>5} "
+          f"{'TC ops':>6} {'cp.async':>8}  result")
     for r in rows:
         blocks = f"{r['BLOCK_B']}/{r['BLOCK_N']}/{r['BLOCK_K']}"
-        print(f"{r['kernel']:9} {r['dtype']:5} {r['H']:>5} {blocks:>12} {r['registers']:>5} {r['shared']:>6} "
-              f"{r['local']:>5} {r['tensor_core_instructions']:>6}  {', '.join(r['problems']) or 'ok'}")
+        print(f"{r['kernel']:9} {r['dtype']:5} {r['H']:>5} {blocks:>12} {r['registers']:>5} {r['shared']:>11} {r['dynamic_shared']:>8} "
+              f"{r['local']:>5} {r['tensor_core_instructions']:>6} {r['async_copy_instructions']:>8}  "
+              f"{', '.join(r['problems']) or 'ok'}")
     report = {"target": "cuda sm_90 (GPUTarget('cuda', 90, 32))", "triton": triton.__version__,
               "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
               "configs": rows}
