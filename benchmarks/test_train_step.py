@@ -41,10 +41,10 @@ from torch import nn
 
 from benchmarks.conftest import matmul_gflops, matmul_rate
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
+from fastlm.config import TrainConfig, cpu_multiplies_bf16
 from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedStep
 from fastlm.model import RNNLM
-from fastlm.trainer import TrainConfig, cpu_multiplies_bf16
 
 CFG = TrainConfig()
 VOCAB = 10000

@@ -5,8 +5,9 @@ import sys
 from typing import Callable
 
 from fastlm.checkpoint import CheckpointError
+from fastlm.config import TrainingError
 from fastlm.data import DataError
-from fastlm.trainer import DivergedError, TrainingError
+from fastlm.trainer import DivergedError
 
 EXIT_FAILED = 1  # the job ran and failed (training diverged)
 EXIT_USAGE = 2  # bad input: the message says what to fix

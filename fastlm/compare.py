@@ -12,8 +12,8 @@ from pathlib import Path
 
 from fastlm.cli import run_main
 from fastlm.comparison import compare_detach, compare_teacher_forcing
+from fastlm.config import TrainConfig, check_config
 from fastlm.scheduled_sampling import SCHEDULES
-from fastlm.trainer import TrainConfig, check_config
 
 MODEL_FLAGS = ("data", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr", "clip",
                "backend", "device", "seed", "eval_batch_size")

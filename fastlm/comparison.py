@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import plots
+from fastlm.config import DEFAULT_DATA, TrainConfig, TrainingError, pick_device
 from fastlm.data import EOS, Corpus, batchify, ensure_ptb, num_windows, tbptt_windows
 from fastlm.embedding import cosine_distance, word_vectors
 from fastlm.graph_memory import count_graph_nodes, run_chunks
 from fastlm.model import RNNLM, load_model
 from fastlm.sampling import generate, to_text
-from fastlm.trainer import DEFAULT_DATA, TrainConfig, TrainingError, evaluate, perplexity, pick_device, train
+from fastlm.trainer import evaluate, perplexity, train
 
 MB = 2**20
 

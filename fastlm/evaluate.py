@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from fastlm.cli import run_main
+from fastlm.config import pick_device
 from fastlm.data import Corpus, batchify
 from fastlm.model import load_model
-from fastlm.trainer import evaluate, perplexity, pick_device
+from fastlm.trainer import evaluate, perplexity
 
 
 def main(argv: list[str] | None = None) -> int:

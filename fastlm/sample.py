@@ -6,10 +6,10 @@ import random
 from pathlib import Path
 
 from fastlm.cli import run_main
+from fastlm.config import pick_device
 from fastlm.data import EOS
 from fastlm.model import load_model
 from fastlm.sampling import STRATEGIES, encode_prompt, generate, to_text
-from fastlm.trainer import pick_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from fastlm.cli import EXIT_INTERRUPTED, run_main
+from fastlm.config import TrainConfig
 from fastlm.lstm import BACKENDS
 from fastlm.scheduled_sampling import SCHEDULES
-from fastlm.trainer import TrainConfig, train
+from fastlm.trainer import train
 
 HELP = {
     "data": "folder with train.txt, valid.txt, test.txt (PTB is downloaded into data/ptb if missing)",

@@ -84,7 +84,8 @@ def nan_empty(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder with a small model trained for two epochs on the counting corpus."""
-    from fastlm.trainer import TrainConfig, train
+    from fastlm.config import TrainConfig
+    from fastlm.trainer import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     corpus = write_corpus(root / "corpus")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastlm.checkpoint import load_checkpoint
+from fastlm.config import TrainConfig
 from fastlm.distributed import World
-from fastlm.trainer import TrainConfig, train
+from fastlm.trainer import train
 
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "8", "--seq-len", "5", "--lr", "0.01",
         "--log-interval", "1", "--eval-batch-size", "4", "--device", "cpu", "--epochs", "1"]
