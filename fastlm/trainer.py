@@ -168,6 +168,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):  # absent in checkpoints of runs without float16
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
         best_valid = ckpt["best_valid_loss"]
         if ckpt["state"] is not None:  # all rows of the global batch: take this rank's
@@ -186,6 +188,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
             "global_step": global_step,
             "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
             "rng": rng_state(),
+            "scaler": None if scaler is None else scaler.state_dict(),  # float16's loss scale and growth count
             "best_valid_loss": best_valid,
         }
 

@@ -52,6 +52,30 @@ def test_loss_sum_stays_on_the_device_until_read(corpus_dir):
     assert total > 0 and stepper.take_loss_sum() == 0.0
 
 
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16-scaler"])
+def test_a_step_reads_nothing_back_to_the_host(corpus_dir, monkeypatch, backend, amp):
+    # On a GPU a host read inside the step is a sync, and inside a CUDA graph capture an error; here
+    # every way a tensor's value can reach Python raises instead, for three steps after a first one.
+    model, optimizer, windows = _setup(corpus_dir, backend)
+    scaler = torch.amp.GradScaler("cpu") if amp == torch.float16 else None
+    stepper = GraphedStep(model, optimizer, 4, 5, clip=0.5, amp_dtype=amp, scaler=scaler)
+    stepper.step(*windows[0])  # lazy set-up (optimizer state, the scaler's scale) may read once
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the step read a tensor's value on the host")
+
+    with monkeypatch.context() as patched:
+        for name in HOST_READS:
+            patched.setattr(torch.Tensor, name, host_read)
+        for inputs, targets in windows[1:4]:
+            stepper.step(inputs, targets)
+    assert stepper.take_loss_sum() > 0  # the reads work again outside
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_amp_steps_track_float32(corpus_dir, dtype):
     losses = {}

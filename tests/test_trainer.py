@@ -95,6 +95,33 @@ def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path, fe
     assert first.train_losses + second.train_losses == straight.train_losses
 
 
+def test_resume_in_float16_restores_the_loss_scale(corpus_dir, tmp_path, monkeypatch):
+    # A scaler that doubles its scale every 10 clean steps overflows again and again: which steps it
+    # skips, and so every later loss, depends on the scale and growth count the checkpoint carries.
+    scalers, real = [], torch.amp.GradScaler
+
+    def eager_scaler(device):
+        scalers.append(real(device, growth_interval=10))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", eager_scaler)
+    straight = train(tiny(corpus_dir, tmp_path / "straight", epochs=3, max_steps=300, amp="fp16"))
+    first = train(tiny(corpus_dir, tmp_path / "split", epochs=3, max_steps=150, amp="fp16"))
+    at_split = scalers[-1].state_dict()
+    assert at_split["scale"] not in (65536.0, None), "the test needs a scale that moved away from its start"
+    resumed = {}
+    real_step = trainer.GraphedStep.step
+
+    def note_scale_first(self, inputs, targets):
+        resumed.setdefault("scale", self.scaler.get_scale())
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(trainer.GraphedStep, "step", note_scale_first)
+    second = train(TrainConfig(), resume=str(tmp_path / "split"), overrides={"max_steps": 300})
+    assert resumed["scale"] == at_split["scale"]
+    assert first.train_losses + second.train_losses == straight.train_losses
+
+
 def test_free_running_training_learns_and_logs_the_schedule(corpus_dir, tmp_path):
     result = train(tiny(corpus_dir, tmp_path / "run", epochs=2, teacher_forcing=0.5,
                         teacher_forcing_schedule="linear", log_interval=33, eval_interval=66, eval_tokens=60))
@@ -109,7 +136,9 @@ def test_free_running_training_learns_and_logs_the_schedule(corpus_dir, tmp_path
 def test_checkpoint_holds_everything_and_loads_weights_only(corpus_dir, tmp_path):
     train(tiny(corpus_dir, tmp_path / "run", max_steps=7))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "config", "vocab", "epoch", "step", "global_step", "state", "rng"} <= set(ckpt)
+    assert {"model", "optimizer", "config", "vocab", "epoch", "step", "global_step", "state", "rng",
+            "scaler"} <= set(ckpt)
+    assert ckpt["scaler"] is None, "float32 training has no loss scaler"
     assert ckpt["step"] == 7 and ckpt["vocab"] == Corpus(corpus_dir).dictionary.idx2word
     assert ckpt["state"][0].shape == (1, 4, 32)
 
