@@ -42,6 +42,8 @@ class GraphedForward:
         self.total = torch.zeros((), dtype=torch.float64, device=device)
         self.graph = None
         if capture:
+            was_training = model.training
+            model.eval()  # record the forward as validation runs it
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():
@@ -51,6 +53,7 @@ class GraphedForward:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self._forward()
+            model.train(was_training)
         self.reset()
 
     @torch.no_grad()

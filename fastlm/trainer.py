@@ -62,17 +62,24 @@ def train_step(model: RNNLM, optimizer, inputs, targets, state, clip: float):
 
 @torch.no_grad()
 def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, capture: bool = False,
-             amp_dtype: torch.dtype | None = None) -> float:
+             amp_dtype: torch.dtype | None = None, forward: GraphedForward | None = None) -> float:
     """Mean cross-entropy per token over a batchified split, the state carried across windows.
 
-    The full-length windows run through one `GraphedForward` (a CUDA graph replay when `capture`);
-    a shorter last window runs eagerly from the state they leave.
+    The full-length windows run through one `GraphedForward` (a CUDA graph replay when captured):
+    `forward`, one built for `data`'s batch size and reused across calls (the trainer captures one
+    for the whole run), or else one made for this call. A shorter last window runs eagerly from the
+    state they leave.
     """
+    if forward is not None and forward.inputs.shape != (data.shape[0], seq_len):
+        raise ValueError(f"evaluate: the forward is built for windows {tuple(forward.inputs.shape)}, "
+                         f"the data gives ({data.shape[0]}, {seq_len})")
     was_training = model.training
     model.eval()
     windows = list(eval_windows(data, seq_len))
     full = [w for w in windows if w[0].shape[1] == seq_len]
-    forward = GraphedForward(model, data.shape[0], seq_len, amp_dtype, capture=capture and bool(full))
+    if forward is None:
+        forward = GraphedForward(model, data.shape[0], seq_len, amp_dtype, capture=capture and bool(full))
+    forward.reset()
     for inputs, targets in full:
         forward(inputs, targets)
     total, state = forward.total, (forward.h, forward.c)
@@ -229,12 +236,18 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
         say(f"CUDA graph capture failed ({str(err).splitlines()[0]}): running eagerly")
         use_graphs = False
         stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, False, scaler)
+    # Validation and test batches have the same shape: one forward, captured once, serves them all.
+    try:
+        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, capture=use_graphs)
+    except RuntimeError as err:
+        say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
+        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, capture=False)
     validations = 0
 
     def validate(data: torch.Tensor) -> float:
         nonlocal validations
         validations += 1
-        return evaluate(model, data, cfg.seq_len, capture=use_graphs, amp_dtype=amp_dtype)
+        return evaluate(model, data, cfg.seq_len, amp_dtype=amp_dtype, forward=eval_forward)
 
     result = TrainResult(run_dir, global_step, [], None, None, None)
     tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -18,6 +18,7 @@ from fastlm.cli import run_main
 from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify
 from fastlm.evaluate import main as evaluate_main
+from fastlm.graphs import GraphedForward
 from fastlm.model import RNNLM
 from fastlm.train import main as train_main
 from fastlm.trainer import DivergedError, evaluate, train
@@ -155,6 +156,20 @@ def test_evaluate_carries_the_state_like_one_pass_over_each_row(corpus_dir):
         log_probs = torch.log_softmax(model.linear(out), dim=-1)
         expected = -log_probs.gather(-1, rows[:, 1:, None]).mean().item()
     assert abs(evaluate(model, rows, seq_len=7) - expected) < 1e-10
+
+
+def test_one_forward_serves_every_evaluation_of_its_shape(corpus_dir):
+    # The trainer builds (and on a GPU captures) one forward for validation and test alike: each call
+    # must start from a zero state and a zero sum, whatever the call before it left behind.
+    corpus = Corpus(corpus_dir)
+    torch.manual_seed(0)
+    model = RNNLM(len(corpus.dictionary), 8, 16)
+    valid, test = batchify(corpus.valid, 3), batchify(corpus.test, 3)
+    forward = GraphedForward(model, 3, 7)
+    for split in (valid, test, valid):
+        assert evaluate(model, split, 7, forward=forward) == evaluate(model, split, 7)
+    with pytest.raises(ValueError, match=r"built for windows \(3, 7\)"):
+        evaluate(model, batchify(corpus.valid, 2), 7, forward=forward)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
