@@ -23,32 +23,33 @@ This machine's speed drifts (a shared VM: the same step varies by 20% from one m
 so besides each provider's own median, every fastlm row times one plain-loop step before each of its
 rounds: `speedup_vs_plain_alongside` compares medians taken in the same minute. On the CPU that
 plain loop runs with retained memory too (the setting cannot be undone), so that ratio is fastlm's
-gain beyond the allocator. Likewise the floor: besides the run's best 2048³ matmul rate
-(`median_over_floor`), each round also times one 2048³ product, and `median_over_floor_alongside`
-divides by the floor at the median of those rates, the machine's speed in the same minutes.
+gain beyond the allocator. The whole gain, allocator included, is
+`speedup_vs_plain_as_it_comes_alongside`: before each round the CPU rows also ask the plain loop
+running in a process of its own (allocator as it comes, `benchmarks/classic.py`) for one step.
+Likewise the floor: besides the run's best 2048³ matmul rate (`median_over_floor`), each round
+also times one 2048³ product, and `median_over_floor_alongside` divides by the floor at the median
+of those rates, the machine's speed in the same minutes.
 """
 from __future__ import annotations
 
 import itertools
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from benchmarks.classic import CFG, VOCAB, classic_step, load_windows
 from benchmarks.conftest import matmul_gflops, matmul_rate
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.config import TrainConfig, cpu_multiplies_bf16
-from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedStep
 from fastlm.model import RNNLM
 
-CFG = TrainConfig()
-VOCAB = 10000
-PTB = Path(__file__).resolve().parents[1] / "data" / "ptb"
+REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GROUP = "train-step B20 T30 E128 H1024 V10k"
 
@@ -65,41 +66,54 @@ def allocator() -> str:
     return "retained" if is_retaining_freed_memory() else "as it comes"
 
 
-class ClassicRNNLM(nn.Module):
-    def __init__(self, vocab_size, embed_size, hidden_size, num_layers):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
-        self.linear = nn.Linear(hidden_size, vocab_size)
+@pytest.fixture(scope="module")
+def windows():
+    return load_windows(DEVICE)
 
-    def forward(self, x, h):
-        out, (h, c) = self.lstm(self.embed(x), h)
-        return self.linear(out.reshape(out.size(0) * out.size(1), out.size(2))), (h, c)
+
+class PlainElsewhere:
+    """The plain loop in a process of its own (`python -m benchmarks.classic --serve`), with glibc's
+    allocator as it comes; each `step()` asks it for one step and waits for its time."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.classic", "--serve"], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("benchmarks.classic --serve did not start")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def windows():
-    if (PTB / "train.txt").is_file():
-        ids, source = Corpus(PTB).train, "PTB"
-    else:
-        ids, source = torch.randint(0, VOCAB, (200_000,)), "random tokens"
-    rows = batchify(ids, CFG.batch_size).to(DEVICE)
-    return list(itertools.islice(tbptt_windows(rows, CFG.seq_len), 50)), source
+def plain_elsewhere():
+    """On the CPU, the plain loop as it comes, stepped between fastlm's rounds; None on CUDA, where
+    the in-process plain loop is already as it comes (the malloc setting is about CPU memory)."""
+    if DEVICE != "cpu":
+        yield None
+        return
+    worker = PlainElsewhere()
+    yield worker
+    worker.close()
 
 
-def _zero_state():
-    shape = (CFG.num_layers, CFG.batch_size, CFG.hidden_size)
-    return torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)
-
-
-def _run(benchmark, step, alongside=None) -> dict:
-    """Time `step` and return the row's fields: tokens/s, and with `alongside` (the plain loop's
-    step) what was measured right before every round, so that ratios hold while the machine's
-    speed drifts: one plain step, and the machine's matmul rate at that moment."""
+def _run(benchmark, step, alongside=None, elsewhere: PlainElsewhere | None = None) -> dict:
+    """Time `step` and return the row's fields: tokens/s, and what was measured right before every
+    round, so that ratios hold while the machine's speed drifts: with `alongside` (the plain loop's
+    step in this process) one plain step and the machine's matmul rate at that moment; with
+    `elsewhere`, also one step of the plain loop in its own process, allocator as it comes."""
     rounds, warmup = (15 if DEVICE == "cpu" else 100), 2
-    plain_s, rates = [], []
+    plain_s, rates, elsewhere_s = [], [], []
 
     def setup():
+        if elsewhere is not None:
+            elsewhere_s.append(elsewhere.step())
         if alongside is not None:
             start = time.perf_counter()
             alongside()
@@ -113,6 +127,9 @@ def _run(benchmark, step, alongside=None) -> dict:
         plain = statistics.median(plain_s[warmup:])
         fields.update(plain_alongside_s=plain, speedup_vs_plain_alongside=plain / median,
                       matmul_gflops_alongside=statistics.median(rates[warmup:]))
+    if elsewhere is not None:
+        plain = statistics.median(elsewhere_s[warmup:])
+        fields.update(plain_as_it_comes_alongside_s=plain, speedup_vs_plain_as_it_comes_alongside=plain / median)
     return fields
 
 
@@ -128,24 +145,7 @@ def _floor_fields(benchmark, fields: dict) -> dict:
 
 
 def _plain_loop(windows):
-    batches, _ = windows
-    torch.manual_seed(0)
-    model = ClassicRNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers).to(DEVICE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr)
-    data, state = itertools.cycle(batches), [_zero_state()]
-
-    def step():
-        inputs, targets = next(data)
-        states = tuple(s.detach() for s in state[0])
-        outputs, state[0] = model(inputs, states)
-        loss = F.cross_entropy(outputs, targets.reshape(-1))
-        model.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), CFG.clip)
-        optimizer.step()
-        return loss.item()
-
-    return step
+    return classic_step(windows[0], DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +188,16 @@ def _fastlm_step(windows, amp_dtype, capture: bool):
 
 
 @pytest.mark.benchmark(group="train-step")
-def test_fastlm_fp32(benchmark, record, windows, plain_step):
-    fields = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step)
+def test_fastlm_fp32(benchmark, record, windows, plain_step, plain_elsewhere):
+    fields = _run(benchmark, _fastlm_step(windows, None, capture=False), plain_step, plain_elsewhere)
     record(GROUP, "fastlm-fp32", benchmark, data=windows[1], allocator=allocator(), **fields,
            **_floor_fields(benchmark, fields))
 
 
 @pytest.mark.benchmark(group="train-step")
-def test_fastlm_bf16(benchmark, record, windows, plain_step):
+def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
     capture = DEVICE == "cuda"
-    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step)
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step, plain_elsewhere)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
     amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
     record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, **fields)

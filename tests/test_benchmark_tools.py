@@ -1,4 +1,4 @@
-"""`python -m benchmarks.plot`: a PNG per saved result, and a one-line error for anything else."""
+"""The benchmarks' tools: `python -m benchmarks.plot` and the plain loop served from its own process."""
 import json
 import subprocess
 import sys
@@ -30,3 +30,28 @@ def test_plot_refuses_what_is_not_a_result_in_one_line(tmp_path):
         proc = plot(path)
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and reason in proc.stderr
+
+
+def test_the_plain_loop_serves_steps_from_its_own_process():
+    # The train-step benchmark's as-it-comes baseline: one step per "step" line, each answered with
+    # its seconds, and a clean exit when stdin closes.
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.classic", "--serve"], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        times = []
+        for _ in range(2):
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            times.append(float(proc.stdout.readline()))
+        assert all(0 < t < 60 for t in times)
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_the_plain_loop_module_says_what_it_needs():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.classic"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "pass --serve" in proc.stderr
