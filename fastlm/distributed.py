@@ -8,6 +8,7 @@ compute what one process with batch B computes. Without torchrun every function 
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -56,6 +57,10 @@ def join(cuda: bool) -> World:
 
 def leave(world: World) -> None:
     if world.enabled and dist.is_initialized():
+        # DistributedDataParallel sits in reference cycles and its reducer holds the process group:
+        # left to the cyclic collector it can be freed during interpreter shutdown, after the group,
+        # and gloo then aborts the process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 
