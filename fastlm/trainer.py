@@ -61,14 +61,14 @@ def train_step(model: RNNLM, optimizer, inputs, targets, state, clip: float):
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, capture: bool = False,
-             amp_dtype: torch.dtype | None = None, forward: GraphedForward | None = None) -> float:
+def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, amp_dtype: torch.dtype | None = None,
+             forward: GraphedForward | None = None) -> float:
     """Mean cross-entropy per token over a batchified split, the state carried across windows.
 
-    The full-length windows run through one `GraphedForward` (a CUDA graph replay when captured):
-    `forward`, one built for `data`'s batch size and reused across calls (the trainer captures one
-    for the whole run), or else one made for this call. A shorter last window runs eagerly from the
-    state they leave.
+    The full-length windows run through one `GraphedForward`: `forward`, one built for `data`'s
+    batch size and reused across calls (the trainer captures one as a CUDA graph for the whole run),
+    or else an eager one made for this call. A shorter last window runs eagerly from the state they
+    leave.
     """
     if forward is not None and forward.inputs.shape != (data.shape[0], seq_len):
         raise ValueError(f"evaluate: the forward is built for windows {tuple(forward.inputs.shape)}, "
@@ -78,7 +78,7 @@ def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, capture: bool = Fal
     windows = list(eval_windows(data, seq_len))
     full = [w for w in windows if w[0].shape[1] == seq_len]
     if forward is None:
-        forward = GraphedForward(model, data.shape[0], seq_len, amp_dtype, capture=capture and bool(full))
+        forward = GraphedForward(model, data.shape[0], seq_len, amp_dtype)
     forward.reset()
     for inputs, targets in full:
         forward(inputs, targets)
