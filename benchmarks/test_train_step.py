@@ -12,7 +12,9 @@ Providers, in the order they run (the order matters on the CPU, see `allocator` 
   as `python -m fastlm.train` runs it by default on the CPU.
 - `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): on the CPU the output layer runs on
   AMX where it exists and the LSTM stays fp32; on CUDA the whole step is replayed as one CUDA
-  graph (`fastlm-graphs-bf16`).
+  graph (`fastlm-graphs-bf16`, with the fused kernel, as `--backend auto` picks there).
+- `fastlm-graphs-bf16-cudnn` (CUDA): the same graphed step with cuDNN's LSTM, so that the graph's
+  gain and the fused kernel's gain are separate rows.
 - `matmuls-only-fp32`: nothing but the step's matrix products at their real shapes, outputs
   allocated once: what the arithmetic alone costs on this machine, the attainable floor.
 
@@ -46,8 +48,9 @@ from benchmarks.classic import CFG, VOCAB, classic_step, load_windows
 from benchmarks.conftest import matmul_gflops, matmul_rate
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.config import TrainConfig, cpu_multiplies_bf16
-from fastlm.graphs import GraphedStep
+from fastlm.graphs import CudaGraphs, GraphedStep
 from fastlm.model import RNNLM
+from fastlm.trainer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,14 +172,15 @@ def test_plain_loop_retained_memory(benchmark, record, windows):
     record(GROUP, "plain+retained-memory", benchmark, data=windows[1], allocator=allocator(), **fields)
 
 
-def _fastlm_step(windows, amp_dtype, capture: bool):
+def _fastlm_step(windows, amp_dtype, capture: bool, backend: str = "torch"):
     batches, _ = windows
     if DEVICE == "cpu":
         retain_freed_memory()  # as the trainer does on the CPU
     torch.manual_seed(0)
-    model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend="auto").to(DEVICE)
-    optimizer = torch.optim.Adam(model.parameters(), lr=CFG.lr, fused=True, capturable=capture)
-    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype, capture=capture)
+    model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend=backend).to(DEVICE)
+    optimizer = make_optimizer(model, CFG.lr, capturable=capture)
+    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype,
+                          graphs=CudaGraphs() if capture else None)
     data = itertools.cycle(batches)
 
     def step():
@@ -197,10 +201,23 @@ def test_fastlm_fp32(benchmark, record, windows, plain_step, plain_elsewhere):
 @pytest.mark.benchmark(group="train-step")
 def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
     capture = DEVICE == "cuda"
-    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture=capture), plain_step, plain_elsewhere)
+    backend = "triton" if capture else "torch"  # what --backend auto picks for this run
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture, backend), plain_step, plain_elsewhere)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
     amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
-    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, **fields)
+    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, backend=backend,
+           **fields)
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_fastlm_graphs_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere):
+    # The same graphed bf16 step with cuDNN's LSTM: against fastlm-graphs-bf16 it isolates the fused
+    # kernel's gain from the graph's.
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, True, "torch"), plain_step, plain_elsewhere)
+    record(GROUP, "fastlm-graphs-bf16-cudnn", benchmark, data=windows[1], allocator=allocator(), backend="torch",
+           **fields)
 
 
 def _matmuls(dtype: torch.dtype):

@@ -4,16 +4,30 @@ A CUDA graph replays recorded kernels on fixed addresses, so everything the step
 buffers allocated once: the window's inputs and targets, the carried (h, c), the gradients, the
 optimizer state and a device-side loss sum. One step is then
 
-    copy the window into the static inputs → replay (forward, loss, backward, clip, Adam)
-    → copy the new (h, c) into the static state inputs
+    copy the window into the static inputs → replay (forward, loss, backward, clip, Adam,
+    and the new (h, c) copied into the static state)
 
 and that last copy *is* the TBPTT detach: the next replay starts from the values, with no graph
 behind them. The loss is summed on the device and read only when the trainer logs.
 
-`GraphedStep(capture=False)` runs the very same step eagerly (CPU, or when capture fails), so its
-numerics are tested on the CPU against the plain loop.
+The graph mechanism sits behind one seam, a `GraphAPI` (`side_stream()` for the warm-up,
+`capture(fn, buffers)` returning something with `replay()`):
+
+- `CudaGraphs`: torch.cuda.CUDAGraph, what runs on a GPU;
+- `SimulatedGraphs`: the same protocol on the CPU, so that every line of the capture path runs in
+  the tests. It is faithful where a mistake would hide: its capture runs nothing (what the captured
+  function wrote is put back, what it allocated is NaN, as a real capture leaves memory unwritten),
+  and its replay re-runs the function on the very same buffers, refusing to run when any of them
+  was rebound since capture (a real graph would go on reading the old memory).
+
+`graph_api(device)` picks one; without it (`graphs=None`) the same step runs eagerly.
 """
 from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +35,106 @@ import torch.nn.functional as F
 from fastlm.model import RNNLM
 
 WARMUP_STEPS = 3  # eager iterations on a side stream before capture, as torch.cuda.graphs documents
+SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated
+# How far the first replayed loss may be from an eager forward's (relative), by autocast dtype.
+REPLAY_TOLERANCE = {None: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+Buffers = Callable[[], dict[str, torch.Tensor]]  # name → every tensor a replay reads or writes
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphAPI(Protocol):
+    def side_stream(self) -> contextlib.AbstractContextManager: ...
+
+    def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph: ...
+
+
+class CudaGraphs:
+    """torch.cuda's graphs: warm up on a side stream, record `fn` once, replay it."""
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+
+def _addresses(buffers: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {name: (t.data_ptr(), tuple(t.shape), t.dtype) for name, t in buffers.items()}
+
+
+class SimulatedGraph:
+    def __init__(self, fn: Callable[[], None], buffers: Buffers):
+        self.fn, self.buffers = fn, buffers
+        self.addresses = _addresses(buffers())
+
+    def _check(self, when: str) -> None:
+        now = _addresses(self.buffers())
+        for name in sorted(set(now) | set(self.addresses)):
+            if now.get(name) != self.addresses.get(name):
+                raise RuntimeError(f"simulated CUDA graph: buffer {name!r} was rebound {when}; a real graph "
+                                   "would go on using the memory it was captured with")
+
+    def replay(self) -> None:
+        self._check("since capture")
+        self.fn()
+        self._check("by the captured function itself")
+
+
+class SimulatedGraphs:
+    """The CUDA graph protocol on the CPU (see the module docstring): for tests, never for speed."""
+
+    def side_stream(self):
+        return contextlib.nullcontext()
+
+    def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph:
+        before = {name: (t.data_ptr(), t.detach().clone()) for name, t in buffers().items()}
+        fn()
+        with torch.no_grad():  # capture records kernels without running them
+            for name, t in buffers().items():
+                if name in before and before[name][0] == t.data_ptr():
+                    t.copy_(before[name][1])
+                elif t.is_floating_point():
+                    t.fill_(math.nan)  # allocated during capture: unwritten until the first replay
+        return SimulatedGraph(fn, buffers)
+
+
+def graph_api(device: torch.device) -> GraphAPI | None:
+    """CUDA graphs on a CUDA device; on the CPU the simulation when FASTLM_SIMULATE_CUDA_GRAPHS=1
+    (the test switch that runs the trainer's GPU path on the CPU), else None: no graphs here."""
+    if device.type == "cuda":
+        return CudaGraphs()
+    if os.environ.get(SIMULATE_ENV, "0") not in ("", "0"):
+        return SimulatedGraphs()
+    return None
 
 
 def autocast(device_type: str, amp_dtype: torch.dtype | None):
-    """Autocast to `amp_dtype`, or a context that changes nothing when it is None."""
-    return torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    """Autocast to `amp_dtype`, or a context that changes nothing when it is None.
+
+    The cast cache is off, as torch.cuda.graphs asks of autocast inside a capture; the step casts
+    each weight once anyway.
+    """
+    return torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
+                          cache_enabled=False)
 
 
 class GraphedForward:
     """Validation as a captured forward: loss summed on the device over windows of one shape."""
 
     def __init__(self, model: RNNLM, batch_size: int, seq_len: int, amp_dtype: torch.dtype | None = None,
-                 capture: bool = False):
+                 graphs: GraphAPI | None = None):
         self.model, self.amp_dtype = model, amp_dtype
         device = model.linear.weight.device
         self.device_type = device.type
@@ -41,27 +143,29 @@ class GraphedForward:
         self.h, self.c = model.init_state(batch_size, device)
         self.total = torch.zeros((), dtype=torch.float64, device=device)
         self.graph = None
-        if capture:
+        if graphs is not None:
             was_training = model.training
             model.eval()  # record the forward as validation runs it
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(WARMUP_STEPS):
-                    self._forward()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self._forward()
-            model.train(was_training)
+            try:
+                with graphs.side_stream():
+                    for _ in range(WARMUP_STEPS):
+                        self._forward()
+                self.graph = graphs.capture(self._forward, self._buffers)
+            finally:
+                model.train(was_training)
         self.reset()
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs, "targets": self.targets, "h": self.h, "c": self.c, "total": self.total,
+                **dict(self.model.named_parameters())}
 
     @torch.no_grad()
     def _forward(self) -> None:
         with autocast(self.device_type, self.amp_dtype):
             logits, (h, c) = self.model(self.inputs, (self.h, self.c))
             self.total += F.cross_entropy(logits, self.targets.reshape(-1), reduction="sum")
-        self.h_next, self.c_next = h, c
+        self.h.copy_(h)  # carried to the next window
+        self.c.copy_(c)
 
     def reset(self) -> None:
         self.h.zero_()
@@ -72,20 +176,60 @@ class GraphedForward:
         self.inputs.copy_(inputs)
         self.targets.copy_(targets)
         self.graph.replay() if self.graph is not None else self._forward()
-        self.h.copy_(self.h_next)
-        self.c.copy_(self.c_next)
+
+
+class _Snapshot:
+    """The values of the parameters, gradients, optimizer state and carried state of a step, to put
+    back exactly. Tensors are held as the live objects (never `p.data`, a new object per call)."""
+
+    def __init__(self, step: GraphedStep):
+        self.named = [(name, p, p.detach().clone()) for name, p in step.model.named_parameters()]
+        self.optimizer_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                                for p, s in step.optimizer.state.items()}
+        self.grads = [(p, None if p.grad is None else p.grad.clone()) for _, p, _ in self.named]
+        self.carried = [(t, t.clone()) for t in (step.h, step.c, step.loss_sum)]
+
+    def changed_parameters(self) -> list[str]:
+        return [name for name, p, saved in self.named if not torch.equal(p.detach(), saved)]
+
+    @torch.no_grad()
+    def restore(self, step: GraphedStep, keep_new_state: bool) -> None:
+        """Put every value back. Optimizer state made since the snapshot is zeroed (as Adam starts it)
+        when `keep_new_state`, since a captured graph reads those very tensors; else it is removed,
+        and the gradients are put back too."""
+        for _, p, saved in self.named:
+            p.copy_(saved)
+        for t, saved in self.carried:
+            t.copy_(saved)
+        for p, state in list(step.optimizer.state.items()):
+            saved = self.optimizer_state.get(p, {})
+            for key, value in list(state.items()):
+                if key in saved and isinstance(value, torch.Tensor):
+                    value.copy_(saved[key])
+                elif key in saved:
+                    state[key] = saved[key]
+                elif keep_new_state and isinstance(value, torch.Tensor):
+                    value.zero_()
+                else:
+                    del state[key]
+            if not state:
+                del step.optimizer.state[p]
+        if not keep_new_state:
+            for p, grad in self.grads:
+                p.grad = grad
 
 
 class GraphedStep:
     """One teacher-forced TBPTT step on static buffers, replayed as a CUDA graph when captured.
 
-    `amp_dtype` turns on autocast; `scaler` (a GradScaler, for float16) only runs eagerly, since its
-    inf check reads a flag on the host.
+    `graphs` (a `GraphAPI`) captures the step; None runs it eagerly. The optimizer must be
+    capturable for a capture. `amp_dtype` turns on autocast; `scaler` (a GradScaler, for float16)
+    only runs eagerly, since its inf check reads a flag on the host.
     """
 
     def __init__(self, model: RNNLM, optimizer: torch.optim.Optimizer, batch_size: int, seq_len: int,
-                 clip: float, amp_dtype: torch.dtype | None = None, capture: bool = False, scaler=None):
-        if capture and scaler is not None:
+                 clip: float, amp_dtype: torch.dtype | None = None, graphs: GraphAPI | None = None, scaler=None):
+        if graphs is not None and scaler is not None:
             raise ValueError("a GradScaler cannot run inside a CUDA graph: run float16 eagerly")
         self.model, self.optimizer, self.clip, self.amp_dtype, self.scaler = model, optimizer, clip, amp_dtype, scaler
         lm = getattr(model, "module", model)  # the RNNLM, also inside DistributedDataParallel
@@ -93,14 +237,18 @@ class GraphedStep:
         self.device_type = device.type
         self.inputs = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.targets = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-        self.h, self.c = lm.init_state(batch_size, device)  # the static state the step reads
+        self.h, self.c = lm.init_state(batch_size, device)  # the static state the step reads and writes
         self.loss_sum = torch.zeros((), device=device)
+        # A graph reads and writes the gradients it was captured with, so they must stay allocated:
+        # zeroed in place. Eagerly, freeing them is cheaper (backward then writes instead of adds).
+        self.free_grads = graphs is None
         self.graph = None
-        if capture:
-            self._capture()
+        self._before_capture: _Snapshot | None = None
+        if graphs is not None:
+            self._capture(graphs)
 
     def _step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.free_grads)
         with autocast(self.device_type, self.amp_dtype):
             logits, (h, c) = self.model(self.inputs, (self.h, self.c))
             loss = F.cross_entropy(logits, self.targets.reshape(-1))
@@ -115,35 +263,66 @@ class GraphedStep:
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
         self.loss_sum += loss.detach()
-        self.h_next, self.c_next = h.detach(), c.detach()
+        with torch.no_grad():  # the detach: values cross the window edge, gradients do not
+            self.h.copy_(h)
+            self.c.copy_(c)
 
-    def _capture(self) -> None:
-        # Warm-up runs real steps; put the model and optimizer back as they were so that capturing
-        # changes nothing the trainer can see. Optimizer state the warm-up created (Adam's moments
-        # and step count) starts at zero, as it would have on the first real step.
-        saved = {id(t): t.detach().clone() for t in self._state_tensors()}
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        buffers = {"inputs": self.inputs, "targets": self.targets, "h": self.h, "c": self.c,
+                   "loss_sum": self.loss_sum}
+        for name, p in self.model.named_parameters():
+            buffers[name] = p
+            if p.grad is not None:
+                buffers[f"{name}.grad"] = p.grad
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    buffers[f"{name}.{key}"] = value
+        return buffers
+
+    def _capture(self, graphs: GraphAPI) -> None:
+        # The warm-up runs real steps, and a capture may stop halfway: put everything back as it was,
+        # so that capturing changes nothing the trainer can see. Optimizer state the warm-up created
+        # (Adam's moments and step count) stays, zeroed, as the first real step would have made it.
+        if not all(group.get("capturable") for group in self.optimizer.param_groups):
+            raise ValueError("capturing the step needs an optimizer made with capturable=True "
+                             "(its step count must live on the device)")
+        before = _Snapshot(self)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with graphs.side_stream():
                 for _ in range(WARMUP_STEPS):
                     self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step()
-            self.graph = graph
-        finally:  # also when capture fails, so the eager fallback starts from the same model
-            with torch.no_grad():
-                for tensor in self._state_tensors():
-                    tensor.copy_(saved[id(tensor)]) if id(tensor) in saved else tensor.zero_()
-            self.loss_sum.zero_()
+            self.graph = graphs.capture(self._step, self._buffers)
+        except BaseException:
+            before.restore(self, keep_new_state=False)  # the eager fallback starts from the same model
+            raise
+        before.restore(self, keep_new_state=True)
+        self._before_capture = before
 
-    def _state_tensors(self) -> list[torch.Tensor]:
-        tensors = [p.data for p in self.model.parameters()]
-        for state in self.optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        return tensors
+    def check_replay(self, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        """The start-up self-check of a captured step: None when capture kept every parameter bit for
+        bit and one replay on this window gives the loss of an eager forward (within the dtype's
+        tolerance), else what differs. The trial step is undone; costs one forward and one step."""
+        if self.graph is None:
+            return None
+        before, self._before_capture = self._before_capture, None
+        changed = before.changed_parameters()
+        if changed:
+            before.restore(self, keep_new_state=True)  # so that an eager fallback starts from the right model
+            return f"capture changed {len(changed)} parameter(s), first {changed[0]}"
+        trial = _Snapshot(self)
+        lm = getattr(self.model, "module", self.model)
+        with torch.no_grad(), autocast(self.device_type, self.amp_dtype):
+            logits, _ = lm(inputs, (self.h, self.c))
+            expected = F.cross_entropy(logits, targets.reshape(-1)).item()
+        self.step(inputs, targets)
+        replayed = self.take_loss_sum()
+        trial.restore(self, keep_new_state=True)
+        tolerance = REPLAY_TOLERANCE[self.amp_dtype]
+        error = abs(replayed - expected) / max(abs(expected), 1e-30)
+        if not error <= tolerance:  # also catches NaN
+            return (f"the first replayed loss {replayed:.6g} differs from an eager forward's {expected:.6g} "
+                    f"(relative {error:.1e} > {tolerance:.0e})")
+        return None
 
     def reset_state(self, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Zero the carried state (epoch start), or load one (resume)."""
@@ -161,8 +340,6 @@ class GraphedStep:
             self.graph.replay()
         else:
             self._step()
-        self.h.copy_(self.h_next)  # the detach: values cross the window edge, gradients do not
-        self.c.copy_(self.c_next)
 
     def record(self, loss: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Account for a step taken outside (scheduled sampling): its loss and the state it left."""

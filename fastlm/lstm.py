@@ -6,7 +6,8 @@ its `state_dict` loads into `nn.LSTM` and back. Only `forward` differs, by backe
 - ``torch``: torch's own LSTM (cuDNN on GPU, oneDNN on CPU);
 - ``reference``: `fastlm.kernels.naive_lstm`, readable plain PyTorch, the oracle;
 - ``triton``: `fastlm.kernels.fused_lstm`, the fused Triton kernel (CUDA, or the interpreter);
-- ``auto``: ``triton`` for CUDA inputs when Triton is installed, else ``torch``.
+- ``auto``: chosen per run by `resolve_backend`: ``triton`` for a bf16/fp16 step captured as a
+  CUDA graph, ``torch`` otherwise (the trainer resolves it; a bare `LSTM` resolves it eagerly).
 """
 from __future__ import annotations
 
@@ -22,14 +23,24 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend `auto` stands for on `device` (other names pass through)."""
+def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                    graphed: bool = False) -> str:
+    """The concrete backend `auto` stands for (other names pass through): the one expected to be
+    fastest for that run.
+
+    The fused kernel only where it can win: on CUDA, in bf16/fp16 (its products on tensor cores) and
+    replayed as a CUDA graph (one replay instead of 2·T Python launches per layer and step). Torch's
+    LSTM (cuDNN) everywhere else: in fp32, where the kernel's IEEE products use no tensor cores;
+    eagerly (DDP, fp16 with its scaler, --no-cuda-graphs, scheduled sampling, evaluation), where
+    those launches make the kernel launch-bound; and on the CPU.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    on_cuda = torch.device(device).type == "cuda"
-    return "triton" if on_cuda and _triton_available() else "torch"
+    fused_wins = (torch.device(device).type == "cuda" and graphed and amp_dtype in (torch.bfloat16, torch.float16)
+                  and _triton_available())
+    return "triton" if fused_wins else "torch"
 
 
 def recurrence_dtype(device_type: str, autocast_dtype: torch.dtype) -> torch.dtype:
@@ -145,7 +156,11 @@ class LSTM(nn.LSTM):
 
 
 def _fused_layer():
-    """The fused kernel, with weights cast to the compute dtype that autocast asks for."""
+    """The fused kernel, with inputs and weights cast to the compute dtype that autocast asks for.
+
+    The cell state is not cast: the kernel keeps c in fp32 and takes and returns it in fp32, so
+    the memory carried across windows keeps the small updates a bf16 c would round away.
+    """
     from fastlm.kernels import fused_lstm
 
     def layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -153,9 +168,10 @@ def _fused_layer():
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-        cast = [t.to(dtype) for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)]
+        x, h0, weight_ih, weight_hh, bias_ih, bias_hh = (
+            t.to(dtype) for t in (x, h0, weight_ih, weight_hh, bias_ih, bias_hh))
         with torch.autocast(device_type, enabled=False):
-            return fused_lstm(*cast)
+            return fused_lstm(x, h0, c0.float(), weight_ih, weight_hh, bias_ih, bias_hh)
 
     return layer
 

@@ -22,7 +22,7 @@ from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint
 from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config, cpu_multiplies_bf16,
                            pick_device, resume_config)
 from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
-from fastlm.graphs import GraphedForward, GraphedStep, autocast
+from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
 from fastlm.lstm import resolve_backend
 from fastlm.model import RNNLM
 from fastlm.run import StopFlag, new_run_dir, rng_state, set_rng_state
@@ -94,6 +94,51 @@ def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, amp_dtype: torch.dt
     return total.item() / max(count.item(), 1.0)
 
 
+def make_optimizer(model: RNNLM, lr: float, capturable: bool, state: dict | None = None) -> torch.optim.Adam:
+    """Adam, fused (all parameters in one kernel: ~6x the default's speed on this CPU), optionally
+    from a saved state. `capturable` keeps its step count on the device, which a CUDA graph needs;
+    it is this run's choice, not the saved run's, so it is set after loading."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
+    if state is not None:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group["capturable"] = capturable
+    return optimizer
+
+
+def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World, scaler, say) -> GraphAPI | None:
+    """The CUDA graph mechanism this run captures its step with, or None to run it eagerly."""
+    api = graph_api(device)
+    if not (api is not None if cfg.cuda_graphs is None else cfg.cuda_graphs):
+        return None
+    if api is None:
+        raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
+    if world.enabled:
+        say("CUDA graphs with DistributedDataParallel are not set up yet: running each step eagerly")
+    elif scaler is not None:
+        say("fp16 needs a gradient scaler whose overflow check reads the host: running eagerly (bf16 can graph)")
+    elif cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant":
+        say("scheduled sampling runs step by step: running eagerly, without CUDA graphs")
+    else:
+        return api
+    return None
+
+
+def _captured_step(net, optimizer, cfg: TrainConfig, batch_size: int, amp_dtype, graphs: GraphAPI, first_window,
+                   state, say) -> GraphedStep | None:
+    """The step captured as a graph and checked on the first window; None (said why) when either fails."""
+    try:
+        stepper = GraphedStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype, graphs)
+        stepper.reset_state(state)
+        problem = stepper.check_replay(*first_window)
+    except RuntimeError as err:  # capture can fail on an unsupported op; the eager step is the same math
+        problem = f"the capture failed ({str(err).splitlines()[0]})"
+    if problem is None:
+        return stepper
+    say(f"CUDA graphs off: {problem}; training eagerly from the same weights")
+    return None
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
@@ -150,31 +195,22 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
     # -- model and optimizer ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     vocab_size = len(corpus.dictionary)
-    model = RNNLM(vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, backend=cfg.backend).to(device)
     amp_dtype = amp_dtype_for(cfg.amp, device)
-    use_graphs = device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
-    if use_graphs and device.type != "cuda":
-        raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    graphs = _graphs_for(cfg, device, world, scaler, say)
+    backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=graphs is not None)
+    model = RNNLM(vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, backend=backend).to(device)
     if device.type == "cpu":
         retain_freed_memory()  # no page faults on freshly mapped tensors every step
         if cfg.amp == "auto" and cpu_multiplies_bf16():
             say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, LSTM in fp32)")
-    if use_graphs and world.enabled:
-        say("CUDA graphs with DistributedDataParallel are not set up yet: running each step eagerly")
-        use_graphs = False
-    if use_graphs and scaler is not None:
-        say("fp16 needs a gradient scaler whose overflow check reads the host: running eagerly (bf16 can graph)")
-        use_graphs = False
-    # The fused Adam updates all parameters in one kernel: ~6x faster than the default on this CPU.
-    # capturable keeps its step count on the device, which a CUDA graph needs.
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=use_graphs)
+    optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None)
 
     epoch, step, global_step, best_valid = 0, 0, 0, math.inf
     state = None
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None, state=ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):  # absent in checkpoints of runs without float16
             scaler.load_state_dict(ckpt["scaler"])
         epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
@@ -228,20 +264,28 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
     say(
         f"fastlm: {vocab_size} words, {steps_per_epoch} steps/epoch, device {device}, "
         f"{f'{world.size} ranks of {local_batch} rows, ' if world.enabled else ''}"
-        f"LSTM backend {resolve_backend(cfg.backend, device)}, run folder {run_dir}"
+        f"LSTM backend {backend}, {'CUDA graphs' if graphs else 'eager steps'}, run folder {run_dir}"
     )
-    try:
-        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, use_graphs, scaler)
-    except RuntimeError as err:  # capture can fail on an unsupported op; the eager step is the same math
-        say(f"CUDA graph capture failed ({str(err).splitlines()[0]}): running eagerly")
-        use_graphs = False
-        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, False, scaler)
+    stepper = None
+    if graphs is not None:
+        first_window = next(iter(tbptt_windows(train_data, cfg.seq_len, start=step)))
+        stepper = _captured_step(net, optimizer, cfg, local_batch, amp_dtype, graphs, first_window,
+                                 state if step > 0 else None, say)
+    if stepper is None:
+        if graphs is not None:  # the capture or its check failed: the same math, eagerly
+            graphs = None
+            optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict())
+            model.lstm.backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=False)
+        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, None, scaler)
     # Validation and test batches have the same shape: one forward, captured once, serves them all.
-    try:
-        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, capture=use_graphs)
-    except RuntimeError as err:
-        say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
-        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, capture=False)
+    eval_forward = None
+    if graphs is not None:
+        try:
+            eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, graphs)
+        except RuntimeError as err:
+            say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
+    if eval_forward is None:
+        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype)
     validations = 0
 
     def validate(data: torch.Tensor) -> float:

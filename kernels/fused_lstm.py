@@ -36,6 +36,7 @@ operands to fp32 there; compiled GPU code keeps bf16 on the tensor cores.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -237,6 +238,13 @@ def _grid(cfg: StepConfig, batch: int, hidden: int) -> tuple[int, int]:
     return (triton.cdiv(hidden, cfg.block_n), triton.cdiv(batch, cfg.block_b))
 
 
+def launch_device(device: torch.device):
+    """Where the step kernels launch: Triton launches on torch's *current* CUDA device and stream,
+    so make that the inputs' device (with cuda:1 tensors and device 0 current, the kernels would
+    run on GPU 0 with GPU 1's pointers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     """Forward of one layer. Returns out (B, T, H), c (T, B, H) fp32, act (T, B, G) fp32."""
     B, T, _ = x.shape
@@ -249,15 +257,16 @@ def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     h0, c0 = h0.contiguous(), c0.float().contiguous()
     w_hh = weight_hh.contiguous()
     grid = _grid(cfg, B, H)
-    for t in range(T):
-        h_prev = out[:, t - 1] if t > 0 else h0
-        c_prev = c[t - 1] if t > 0 else c0
-        _lstm_fwd_step[grid](
-            x_proj[:, t], x_proj.stride(0), h_prev, h_prev.stride(0), c_prev, c_prev.stride(0), w_hh,
-            out[:, t], out.stride(0), c[t], c.stride(1), act[t], act.stride(1), B, H,
-            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_kernel_flags(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    with launch_device(x.device):
+        for t in range(T):
+            h_prev = out[:, t - 1] if t > 0 else h0
+            c_prev = c[t - 1] if t > 0 else c0
+            _lstm_fwd_step[grid](
+                x_proj[:, t], x_proj.stride(0), h_prev, h_prev.stride(0), c_prev, c_prev.stride(0), w_hh,
+                out[:, t], out.stride(0), c[t], c.stride(1), act[t], act.stride(1), B, H,
+                BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_kernel_flags(x.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     return out, c, act
 
 
@@ -273,18 +282,19 @@ def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, ac
     c0 = c0.float().contiguous()
     w_hh = weight_hh.contiguous()
     grid = _grid(cfg, B, H)
-    for t in reversed(range(T)):
-        last = t == T - 1
-        d_out_t = (d_out[:, t] + d_hn).contiguous() if last else d_out[:, t]
-        c_prev = c[t - 1] if t > 0 else c0
-        dg_next = d_gates[:, t if last else t + 1]  # not read when t = T − 1
-        _lstm_bwd_step[grid](
-            dg_next, d_gates.stride(0), w_hh, d_out_t, d_out_t.stride(0), dc, dc.stride(0),
-            act[t], act.stride(1), c[t], c.stride(1), c_prev, c_prev.stride(0),
-            d_gates[:, t], d_gates.stride(0), B, H,
-            HAS_NEXT=not last, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            **_kernel_flags(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    with launch_device(x.device):
+        for t in reversed(range(T)):
+            last = t == T - 1
+            d_out_t = (d_out[:, t] + d_hn).contiguous() if last else d_out[:, t]
+            c_prev = c[t - 1] if t > 0 else c0
+            dg_next = d_gates[:, t if last else t + 1]  # not read when t = T − 1
+            _lstm_bwd_step[grid](
+                dg_next, d_gates.stride(0), w_hh, d_out_t, d_out_t.stride(0), dc, dc.stride(0),
+                act[t], act.stride(1), c[t], c.stride(1), c_prev, c_prev.stride(0),
+                d_gates[:, t], d_gates.stride(0), B, H,
+                HAS_NEXT=not last, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                **_kernel_flags(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     d_flat = d_gates.view(B * T, 4 * H)
     h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1).reshape(B * T, H)
     d_x = (d_flat @ weight_ih).view(B, T, -1)
@@ -292,7 +302,7 @@ def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, ac
     d_weight_ih = d_flat.t() @ x.reshape(B * T, -1)
     d_weight_hh = d_flat.t() @ h_prev
     d_bias = d_flat.sum(0, dtype=torch.float32).to(dtype)
-    return d_x, d_h0, dc.to(dtype), d_weight_ih, d_weight_hh, d_bias
+    return d_x, d_h0, dc, d_weight_ih, d_weight_hh, d_bias
 
 
 # -- autograd ------------------------------------------------------------------------------------
@@ -303,7 +313,7 @@ class FusedLSTMFunction(torch.autograd.Function):
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
         out, c, act = lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, out, c, act)
-        return out, out[:, -1].clone(), c[-1].to(x.dtype, copy=True)
+        return out, out[:, -1].clone(), c[-1].clone()  # cN stays fp32, as c is inside the kernel
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
@@ -311,7 +321,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_bias = lstm_backward(
             d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act
         )
-        return d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_bias, d_bias
+        return d_x, d_h0, d_c0.to(c0.dtype), d_w_ih, d_w_hh, d_bias, d_bias
 
 
 # -- public function -----------------------------------------------------------------------------
@@ -338,8 +348,9 @@ def _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"fused_lstm: dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
     for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise ValueError(f"fused_lstm: {name} is {t.dtype} but x is {x.dtype}: pass every input in one dtype")
+        if t.dtype != x.dtype and not (name == "c0" and t.dtype == torch.float32):
+            raise ValueError(f"fused_lstm: {name} is {t.dtype} but x is {x.dtype}: pass every input in one dtype "
+                             "(c0 may also be float32)")
         if t.device != x.device:
             raise ValueError(f"fused_lstm: {name} is on {t.device} but x is on {x.device}")
     if x.device.type != "cuda" and not interpreting():
@@ -358,10 +369,13 @@ def fused_lstm(
         x: (B, T, E) inputs.
         h0, c0: (B, H) initial state.
         weight_ih: (4H, E), weight_hh: (4H, H), bias_ih, bias_hh: (4H,), nn.LSTM's layout, gates i, f, g, o.
-        All in one dtype (float32, bfloat16 or float16) on one CUDA device (or the CPU when interpreting).
+        All in one dtype (float32, bfloat16 or float16) on one CUDA device (or the CPU when interpreting),
+        except c0, which may also be float32 (the kernel's own precision for c).
 
     Returns:
-        out (B, T, H): h_t of every step; hN, cN (B, H): the final state.
+        out (B, T, H), hN (B, H): h_t of every step and the last one, in x's dtype;
+        cN (B, H): the final cell state, always float32, so that carrying it to the next window
+        loses nothing (pass it back as c0).
     """
     _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     return FusedLSTMFunction.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)

@@ -1,16 +1,24 @@
-"""The static-buffer training step (the CUDA-graph path, run eagerly on the CPU) and AMP."""
+"""The static-buffer training step, eager and through the simulated CUDA graph API, and AMP."""
+import copy
+import functools
 import itertools
+import json
+import types
+from pathlib import Path
 
 import pytest
 import torch
 
+from fastlm import graphs, trainer
+from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
+from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify, tbptt_windows
-from fastlm.graphs import GraphedStep
+from fastlm.graphs import GraphedForward, GraphedStep, SimulatedGraphs
 from fastlm.lstm import recurrence_dtype
 from fastlm.model import RNNLM
 from fastlm.train import main as train_main
-from fastlm.trainer import train_step
+from fastlm.trainer import evaluate, make_optimizer, train, train_step
 from helpers import TOLERANCE, assert_rel_close
 
 
@@ -93,7 +101,8 @@ def test_amp_steps_track_float32(corpus_dir, dtype):
 def test_a_scaler_cannot_be_captured(corpus_dir):
     model, optimizer, _ = _setup(corpus_dir)
     with pytest.raises(ValueError, match="GradScaler cannot run inside a CUDA graph"):
-        GraphedStep(model, optimizer, 4, 5, 0.5, torch.float16, capture=True, scaler=torch.amp.GradScaler("cpu"))
+        GraphedStep(model, optimizer, 4, 5, 0.5, torch.float16, graphs=SimulatedGraphs(),
+                    scaler=torch.amp.GradScaler("cpu"))
 
 
 def test_torch_lstm_under_cpu_autocast_keeps_its_recurrence_in_fp32():
@@ -121,3 +130,235 @@ def test_cuda_graphs_on_the_cpu_is_a_clear_error(corpus_dir, tmp_path, capsys):
         run_main(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "r"), "--device", "cpu",
                               "--cuda-graphs"])
     assert exit_info.value.code == 2 and "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+# -- the CUDA-graph path on the CPU, through the simulated graph API ------------------------------
+
+BACKENDS_AND_DTYPES = [pytest.param(backend, amp, id=f"{backend}-{name}") for backend in ("torch", "reference")
+                       for amp, name in ((None, "fp32"), (torch.bfloat16, "bf16"))]
+
+
+def _optimizer_values(optimizer) -> dict:
+    return {(i, key): value.clone() for i, p in enumerate(optimizer.param_groups[0]["params"])
+            for key, value in optimizer.state.get(p, {}).items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "after-3-steps"])
+@pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES)
+def test_capture_leaves_the_model_and_the_optimizer_as_they_were(corpus_dir, backend, amp, trained, seed):
+    torch.manual_seed(seed)
+    model = RNNLM(14, 16, 32, backend=backend)
+    optimizer = make_optimizer(model, 0.01, capturable=True)
+    windows = list(itertools.islice(tbptt_windows(batchify(Corpus(corpus_dir).train, 4), 5), 3))
+    if trained:
+        eager = GraphedStep(model, optimizer, 4, 5, 0.5, amp)
+        for window in windows:
+            eager.step(*window)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    moments = _optimizer_values(optimizer)
+
+    stepper = GraphedStep(model, optimizer, 4, 5, 0.5, amp, graphs=SimulatedGraphs())
+    assert stepper.graph is not None
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), f"capture changed {name}"
+    after = _optimizer_values(optimizer)
+    if trained:
+        assert after.keys() == moments.keys()
+        assert all(torch.equal(after[key], moments[key]) for key in moments), "capture changed Adam's state"
+    else:  # made by the warm-up, zero as Adam starts it, so that the graph can read it
+        assert after and all(not value.any() for value in after.values())
+    assert stepper.take_loss_sum() == 0.0 and not stepper.h.any() and not stepper.c.any()
+
+
+def _logged_losses_and_checkpoint(run_dir: Path) -> tuple[list[float], dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], load_checkpoint(run_dir)
+
+
+@pytest.fixture
+def replays(monkeypatch) -> list:
+    seen, real = [], graphs.SimulatedGraph.replay
+    monkeypatch.setattr(graphs.SimulatedGraph, "replay", lambda self: seen.append(self) or real(self))
+    return seen
+
+
+def _tiny(corpus_dir, out, **changes) -> TrainConfig:
+    return TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
+                       lr=0.01, log_interval=1, eval_batch_size=3, out=str(out), device="cpu", **changes)
+
+
+def _train_simulating_graphs(monkeypatch, simulate: bool, *args, **kwargs):
+    with monkeypatch.context() as patched:
+        if simulate:
+            patched.setenv(graphs.SIMULATE_ENV, "1")
+        return train(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES)
+def test_simulated_graph_training_equals_eager_training_bit_for_bit(corpus_dir, tmp_path, monkeypatch, replays,
+                                                                   backend, amp):
+    # 2 epochs of 132 steps. Split runs stop at step 150, inside the second epoch, and resume the other
+    # way (eager → graphs, graphs → eager), so a mid-epoch state and Adam's state cross in both directions.
+    flags = {"backend": backend, "amp": "off" if amp is None else "bf16"}
+    run = functools.partial(_train_simulating_graphs, monkeypatch)
+    eager = run(False, _tiny(corpus_dir, tmp_path / "eager", **flags))
+    graphed = run(True, _tiny(corpus_dir, tmp_path / "graphed", **flags))
+    steps = [graph for graph in replays if graph.fn.__name__ == "_step"]
+    assert len(steps) == 264 + 1, "every step is a replay (and one more for the start-up check)"
+    assert len(replays) > len(steps), "validation replays its captured forward too"
+    for first, then in ((False, True), (True, False)):
+        split = tmp_path / f"split-{'graphs' if first else 'eager'}-first"
+        run(first, _tiny(corpus_dir, split, max_steps=150, **flags))
+        run(then, TrainConfig(), resume=str(split), overrides={"max_steps": 264})
+
+    want_losses, want = _logged_losses_and_checkpoint(tmp_path / "eager")
+    assert graphed.train_losses == eager.train_losses
+    for name in ("graphed", "split-eager-first", "split-graphs-first"):
+        losses, ckpt = _logged_losses_and_checkpoint(tmp_path / name)
+        assert losses == want_losses, f"{name}: the logged training and validation losses differ"
+        for key, value in want["model"].items():
+            assert torch.equal(ckpt["model"][key], value), f"{name}: {key} differs from the eager run's"
+        for index, state in want["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(ckpt["optimizer"]["state"][index][key], value), f"{name}: Adam's {key} differs"
+        capturable = name != "split-graphs-first"  # the flag follows the run, not the checkpoint it resumed
+        assert all(g["capturable"] == capturable for g in ckpt["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES)
+def test_validation_through_a_captured_forward_equals_eager_validation(corpus_dir, backend, amp):
+    corpus = Corpus(corpus_dir)
+    model = RNNLM(len(corpus.dictionary), 8, 16, backend=backend)
+    valid, test = batchify(corpus.valid, 3), batchify(corpus.test, 3)
+    captured = GraphedForward(model, 3, 7, amp, graphs=SimulatedGraphs())
+    assert captured.graph is not None and model.training, "capture records eval mode and gives training mode back"
+    for split in (valid, test, valid):
+        assert evaluate(model, split, 7, amp, forward=captured) == evaluate(model, split, 7, amp)
+
+
+class FailingGraphs(SimulatedGraphs):
+    """A capture that stops halfway, after the captured function ran, as an unsupported op would."""
+
+    def capture(self, fn, buffers):
+        fn()
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "after-3-steps"])
+def test_a_failed_capture_leaves_model_optimizer_and_gradients_untouched(corpus_dir, trained):
+    model, _, windows = _setup(corpus_dir)
+    optimizer = make_optimizer(model, 0.01, capturable=True)
+    if trained:
+        eager = GraphedStep(model, optimizer, 4, 5, 0.5)
+        for window in windows[:3]:
+            eager.step(*window)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    moments = _optimizer_values(optimizer)
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        GraphedStep(model, optimizer, 4, 5, 0.5, graphs=FailingGraphs())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), f"{name} changed"
+        assert (p.grad is None) if grads[name] is None else torch.equal(p.grad, grads[name]), f"grad {name} changed"
+    after = _optimizer_values(optimizer)
+    assert after.keys() == moments.keys() and all(torch.equal(after[k], moments[k]) for k in moments)
+
+
+class DriftingGraphs(SimulatedGraphs):
+    """Graphs that go wrong without raising: every replay adds 1 to the loss."""
+
+    def capture(self, fn, buffers):
+        graph = super().capture(fn, buffers)
+        replay = graph.replay
+        graph.replay = lambda: (replay(), buffers()["loss_sum"].add_(1.0))
+        return graph
+
+
+def _capture_that_loses_a_weight(monkeypatch):
+    """What the old capture did to every parameter (zeroed it), done to one."""
+    real = GraphedStep._capture
+
+    def capture(self, graph_api):
+        real(self, graph_api)
+        with torch.no_grad():
+            self.model.linear.weight.zero_()
+
+    monkeypatch.setattr(GraphedStep, "_capture", capture)
+    return SimulatedGraphs()
+
+
+@pytest.mark.parametrize("graph_api, message", [
+    (lambda patch: FailingGraphs(), "CUDA graphs off: the capture failed (operation not permitted when stream is "
+                                    "capturing); training eagerly from the same weights"),
+    (lambda patch: DriftingGraphs(), "CUDA graphs off: the first replayed loss"),
+    (_capture_that_loses_a_weight, "CUDA graphs off: capture changed 1 parameter(s), first linear.weight"),
+], ids=["capture-raises", "replayed-loss-differs", "capture-loses-a-weight"])
+def test_the_trainer_falls_back_to_eager_steps_from_the_same_weights(corpus_dir, tmp_path, monkeypatch, capsys,
+                                                                     graph_api, message):
+    eager = train(_tiny(corpus_dir, tmp_path / "eager", max_steps=40))
+    api = graph_api(monkeypatch)
+    monkeypatch.setattr(trainer, "graph_api", lambda device: api)
+    made = []
+    monkeypatch.setattr(trainer, "make_optimizer", lambda *a, **k: made.append(k["capturable"]) or make_optimizer(*a, **k))
+    capsys.readouterr()
+    fallback = train(_tiny(corpus_dir, tmp_path / "fallback", max_steps=40))
+    out = capsys.readouterr().out
+    assert message in out and len([line for line in out.splitlines() if "CUDA graphs off" in line]) == 1
+    assert fallback.train_losses == eager.train_losses
+    assert made == [True, False], "the eager fallback gets a new, non-capturable optimizer"
+    ckpt = load_checkpoint(tmp_path / "fallback")
+    assert not any(g["capturable"] for g in ckpt["optimizer"]["param_groups"])
+    for name, value in load_checkpoint(tmp_path / "eager")["model"].items():
+        assert torch.equal(ckpt["model"][name], value), name
+
+
+def test_a_simulated_replay_refuses_a_buffer_rebound_since_capture(corpus_dir):
+    model, _, windows = _setup(corpus_dir)
+    optimizer = make_optimizer(model, 0.01, capturable=True)
+    stepper = GraphedStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
+    stepper.step(*windows[0])
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new tensors, as from a checkpoint
+    with pytest.raises(RuntimeError, match=r"buffer 'embed.weight.exp_avg' was rebound since capture"):
+        stepper.step(*windows[1])
+
+
+def test_a_simulated_replay_refuses_a_step_that_rebinds_its_own_buffers(corpus_dir):
+    model, _, windows = _setup(corpus_dir)
+    stepper = GraphedStep(model, make_optimizer(model, 0.01, capturable=True), 4, 5, 0.5, graphs=SimulatedGraphs())
+    stepper.free_grads = True  # zero_grad(set_to_none=True) inside the graph: backward allocates anew
+    with pytest.raises(RuntimeError, match=r"'[\w.]+\.grad' was rebound by the captured function itself"):
+        stepper.step(*windows[0])
+
+
+def test_capture_needs_a_capturable_optimizer(corpus_dir):
+    model, optimizer, _ = _setup(corpus_dir)
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
+
+
+WORLD = types.SimpleNamespace(enabled=False)
+
+
+@pytest.mark.parametrize("changes, world, simulate, expected, said", [
+    ({}, WORLD, False, None, ""),
+    ({}, WORLD, True, "graphs", ""),
+    ({"cuda_graphs": False}, WORLD, True, None, ""),
+    ({}, types.SimpleNamespace(enabled=True), True, None, "DistributedDataParallel"),
+    ({"amp": "fp16"}, WORLD, True, None, "fp16 needs a gradient scaler"),
+    ({"teacher_forcing": 0.5}, WORLD, True, None, "scheduled sampling runs step by step"),
+    ({"teacher_forcing_schedule": "linear"}, WORLD, True, None, "scheduled sampling runs step by step"),
+], ids=["cpu", "simulated", "no-cuda-graphs", "ddp", "fp16", "free-running", "schedule"])
+def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, expected, said):
+    if simulate:
+        monkeypatch.setenv(graphs.SIMULATE_ENV, "1")
+    cfg = TrainConfig(device="cpu", **changes)
+    scaler = torch.amp.GradScaler("cpu") if cfg.amp == "fp16" else None
+    lines = []
+    api = trainer._graphs_for(cfg, torch.device("cpu"), world, scaler, lines.append)
+    assert isinstance(api, SimulatedGraphs) if expected else api is None
+    assert said in " ".join(lines) and len(lines) == bool(said)
+
+
+def test_the_cuda_graph_api_is_the_real_one_on_cuda():
+    assert isinstance(graphs.graph_api(torch.device("cuda", 0)), graphs.CudaGraphs)

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import REPO
 from fastlm.kernels import fused_lstm, naive_lstm
-from fastlm.kernels.fused_lstm import interpreting
+from fastlm.kernels.fused_lstm import interpreting, launch_device
 from fastlm.lstm import LSTM
 from helpers import TOLERANCE, assert_rel_close
 
@@ -58,8 +58,11 @@ def compare(fn, inputs, tol):
     want, want_grads = outputs_and_grads(naive_lstm, reference_inputs, upstream)
     got, got_grads = outputs_and_grads(fn, inputs, upstream)
     for name, a, b in zip(("out", "hN", "cN"), got, want):
-        assert a.dtype == inputs[0].dtype, f"{name} came back as {a.dtype}"
+        expected_dtype = torch.float32 if name == "cN" else inputs[0].dtype  # c is fp32 inside and out
+        assert a.dtype == expected_dtype, f"{name} came back as {a.dtype}"
         assert_rel_close(a, b, tol, name)
+    for name, grad, given in zip(NAMES, got_grads, inputs):
+        assert grad.dtype == given.dtype, f"grad {name} came back as {grad.dtype}, its input is {given.dtype}"
     for name, a, b in zip(NAMES, got_grads, want_grads):
         assert_rel_close(a, b, tol, f"grad {name}")
 
@@ -97,6 +100,45 @@ def test_kernels_run_interpreted_or_on_a_gpu():
 def test_fused_lstm_matches_reference(B, T, E, H, zero_state, dtype, nan_empty):
     inputs = [t.to(dtype) for t in lstm_inputs(B, T, E, H, zero_state)]
     compare(fused_lstm, inputs, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_the_cell_state_crosses_windows_in_fp32(dtype, nan_empty):
+    # A cell that only remembers (forget gate saturated at 1, input gate at 0) returns c0 unchanged:
+    # to fp32 precision only if c0 goes in and cN comes out in fp32, whatever the compute dtype.
+    B, T, E, H = 3, 2, 8, 16
+    inputs = lstm_inputs(B, T, E, H)
+    bias_ih = torch.zeros(4 * H, device=DEVICE)
+    bias_ih[:H], bias_ih[H: 2 * H] = -60.0, 60.0  # gates i, f
+    x, h0, c0, w_ih, w_hh, _, b_hh = inputs
+    c0 = c0 + 1e-3 * torch.rand_like(c0)  # digits a 16-bit float cannot hold
+    cast = [t.to(dtype) for t in (x, h0, w_ih, w_hh, bias_ih, b_hh)]
+    _, _, c_n = fused_lstm(cast[0], cast[1], c0, *cast[2:])
+    assert c_n.dtype == torch.float32
+    assert_rel_close(c_n, c0, 1e-6, "cN of a remembering cell")
+    rounded = (c0.to(dtype).double() - c0.double()).norm() / c0.double().norm()
+    assert rounded > 1e-4, "c0 must hold digits the compute dtype would round away, or the test cannot tell"
+    layer = LSTM(E, H, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        layer.bias_ih_l0.copy_(bias_ih)
+    with torch.autocast(DEVICE, dtype=dtype):
+        _, (_, c_layer) = layer(x, (h0[None], c0[None]))
+    assert c_layer.dtype == torch.float32
+    assert_rel_close(c_layer[0], c0, 1e-6, "cN of the triton backend under autocast")
+
+
+def test_kernels_launch_on_the_inputs_device(monkeypatch):
+    # Triton launches on torch's current device: the launchers must make that the tensors' device.
+    guard = launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    module = sys.modules["fastlm.kernels.fused_lstm"]
+    seen = []
+    real = module.launch_device
+    monkeypatch.setattr(module, "launch_device", lambda device: seen.append(device) or real(device))
+    inputs = [t.requires_grad_() for t in lstm_inputs(2, 3, 4, 16)]
+    out, _, _ = fused_lstm(*inputs)
+    out.sum().backward()
+    assert seen == [inputs[0].device] * 2, "forward and backward each launch under the inputs' device"
 
 
 def test_fused_lstm_saturated_gates_stay_finite(nan_empty):

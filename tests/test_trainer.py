@@ -48,9 +48,9 @@ def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, 
     amp_dtypes = []
 
     class RecordingStep(trainer.GraphedStep):
-        def __init__(self, model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest):
+        def __init__(self, model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest, **options):
             amp_dtypes.append(amp_dtype)
-            super().__init__(model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest)
+            super().__init__(model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest, **options)
 
     monkeypatch.setattr(trainer, "GraphedStep", RecordingStep)
     train(tiny(corpus_dir, tmp_path / "run", epochs=1))
