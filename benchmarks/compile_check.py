@@ -3,7 +3,7 @@
     python -m benchmarks.compile_check [--out benchmarks/results/compile_check.json]
 
 For float32, bfloat16 and float16, H ∈ {256, 1024, 2048} and batch sizes that reach every row block
-the launchers choose, it builds both step kernels with `triton.compile` for GPUTarget("cuda", 90, 32)
+the launchers choose (and every candidate the GPU sweep `benchmarks.tune_step` may time), it builds both step kernels with `triton.compile` for GPUTarget("cuda", 90, 32)
 and reads the cubin with the cuobjdump shipped in the triton wheel. It asserts: the kernel compiles;
 no register spills (LOCAL:0 in `cuobjdump -res-usage`, no LDL/STL in the SASS); for bf16/fp16 the
 recurrent product runs on tensor cores (HMMA or HGMMA in the SASS). It prints, per configuration,
@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 # Named imports: `fastlm.kernels.fused_lstm` as an attribute is the function, not the module.
-from fastlm.kernels.fused_lstm import _lstm_bwd_step, _lstm_fwd_step, interpreting, step_config
+from benchmarks import tune_step
+from fastlm.kernels.fused_lstm import StepConfig, _lstm_bwd_step, _lstm_fwd_step, interpreting, step_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -72,16 +74,26 @@ def _resources(cubin: bytes) -> dict:
     }
 
 
+def configurations() -> list[tuple[str, torch.dtype, int, StepConfig]]:
+    """(kernel, dtype, H, config): every configuration `step_config` picks, and every candidate the
+    GPU sweep (benchmarks/tune_step.py) may time, so that it only ever picks a proven one."""
+    chosen = {(kernel, dtype, H, step_config(B, H, dtype, kernel))
+              for kernel in tune_step.KERNELS for dtype in DTYPES for H in HIDDEN for B in BATCHES}
+    swept = {(kernel, tune_step.DTYPE, H, cfg)
+             for B, H in tune_step.SHAPES for kernel in tune_step.KERNELS for cfg in tune_step.candidates(B, H)}
+    return sorted(chosen | swept, key=lambda c: (c[0], str(c[1]), c[2], astuple(c[3])))
+
+
 def check_all() -> list[dict]:
     rows = []
-    configs = sorted({(dtype, H, step_config(B, H, dtype)) for dtype in DTYPES for H in HIDDEN for B in BATCHES},
-                     key=lambda c: (str(c[0]), c[1], c[2].block_b))
-    for dtype, H, cfg in configs:
+    for kind, dtype, H, cfg in configurations():
         blocks = {"BLOCK_B": cfg.block_b, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "DOT_FP32": False, "INPUT_PRECISION": "ieee"}
-        variants = [("fwd", _lstm_fwd_step, blocks)]
-        variants += [(f"bwd{'' if has_next else '-last'}", _lstm_bwd_step, {**blocks, "HAS_NEXT": has_next})
-                     for has_next in (True, False)]
+        if kind == "fwd":
+            variants = [("fwd", _lstm_fwd_step, blocks)]
+        else:
+            variants = [(f"bwd{'' if has_next else '-last'}", _lstm_bwd_step, {**blocks, "HAS_NEXT": has_next})
+                        for has_next in (True, False)]
         for name, kernel, constexprs in variants:
             divisible = {n for n in kernel.arg_names if n.startswith("stride")} | {"H"}
             signature, attrs = _signature(kernel, DTYPES[dtype], divisible, constexprs)

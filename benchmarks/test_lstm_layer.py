@@ -111,3 +111,24 @@ def test_lstm_layer(benchmark, record, provider, shape, dtype, backward):
         extra["cudnn_kernels"] = ", ".join(_cudnn_kernels(fn))
     group = "lstm {} {} B{} T{} E{} H{}".format("fwd+bwd" if backward else "fwd", str(dtype)[6:], *shape)
     record(group, provider, benchmark, baseline=provider == "torch", **extra)
+
+
+# cuDNN's persistent RNN kernels keep W_hh on chip across steps; PyTorch asks for them only in fp16
+# with a batch that is a multiple of 8. So the baseline beside fastlm's B=20 bf16 is B=16 and B=24 in
+# fp16 (compare time per row); the cuDNN kernels that ran are recorded to show which algorithm it was.
+PERSISTENT_SHAPES = [(16, 30, 128, 1024), (24, 30, 128, 1024)]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda s: "B{}-T{}-E{}-H{}".format(*s))
+def test_cudnn_persistent_fp16(benchmark, record, shape, backward):
+    if not CUDA:
+        pytest.skip("cuDNN's persistent algorithm is a GPU baseline")
+    inputs = _inputs(*shape, torch.float16, grad=backward)
+    fn = _timed(_callable("torch", inputs), backward)
+    benchmark.pedantic(fn, rounds=50, warmup_rounds=2, iterations=1)
+    seconds = benchmark.stats.stats.median
+    group = "lstm {} cudnn-persistent-candidates float16 H1024".format("fwd+bwd" if backward else "fwd")
+    record(group, f"torch-fp16-B{shape[0]}", benchmark, baseline=shape[0] == 16,
+           tflops=lstm_flops(*shape, backward) / seconds / 1e12, us_per_row=seconds / shape[0] * 1e6,
+           cudnn_kernels=", ".join(_cudnn_kernels(fn)))

@@ -37,8 +37,11 @@ operands to fp32 there; compiled GPU code keeps bf16 on the tensor cores.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -210,12 +213,34 @@ class StepConfig:
     num_stages: int
 
 
-def step_config(batch: int, hidden: int, dtype: torch.dtype) -> StepConfig:
-    """The block sizes of both step kernels: the one place they are chosen.
+# The fastest block configuration per shape, measured on a GPU by `python -m benchmarks.tune_step`
+# (benchmarks/gpu_check.sh runs it). Shapes it does not list use the rule in `step_config`.
+TUNED_CONFIGS = Path(__file__).with_name("step_configs.json")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-    tl.dot needs every tile side ≥ 16. Few hidden units per program (16 up to H = 1024) give the
-    most programs, and the step is bound by streaming W_hh from L2 into as many SMs as possible.
-    """
+
+def tuned_key(kernel: str, batch: int, hidden: int, dtype: torch.dtype) -> str:
+    return f"{kernel} {DTYPE_NAMES[dtype]} B{batch} H{hidden}"
+
+
+@functools.lru_cache(maxsize=1)
+def tuned_configs() -> dict[str, StepConfig]:
+    if not TUNED_CONFIGS.is_file():
+        return {}
+    rows = json.loads(TUNED_CONFIGS.read_text())["configs"]
+    return {row["key"]: StepConfig(**row["config"]) for row in rows}
+
+
+def step_config(batch: int, hidden: int, dtype: torch.dtype, kernel: str = "fwd") -> StepConfig:
+    """The block sizes of a step kernel (`fwd` or `bwd`): the one place they are chosen, the
+    measured winner from TUNED_CONFIGS where the shape is listed there, else `rule_step_config`."""
+    return tuned_configs().get(tuned_key(kernel, batch, hidden, dtype)) or rule_step_config(batch, hidden, dtype)
+
+
+def rule_step_config(batch: int, hidden: int, dtype: torch.dtype) -> StepConfig:
+    """The choice before any measurement: tl.dot needs every tile side ≥ 16, and few hidden units per
+    program (16 up to H = 1024) give the most programs, since the step is bound by streaming W_hh
+    from L2 into as many SMs as possible."""
     block_b = 16 if batch <= 16 else 32 if batch <= 32 else 64
     block_n = 16 if hidden <= 1024 else 32
     block_k = 32 if dtype == torch.float32 else 64
@@ -245,11 +270,12 @@ def launch_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
-    """Forward of one layer. Returns out (B, T, H), c (T, B, H) fp32, act (T, B, G) fp32."""
+def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cfg: StepConfig | None = None):
+    """Forward of one layer. Returns out (B, T, H), c (T, B, H) fp32, act (T, B, G) fp32.
+    `cfg` overrides `step_config` (the tuning sweep times each candidate through it)."""
     B, T, _ = x.shape
     H = h0.shape[1]
-    cfg = step_config(B, H, x.dtype)
+    cfg = cfg or step_config(B, H, x.dtype, "fwd")
     x_proj = torch.addmm((bias_ih + bias_hh), x.reshape(B * T, -1), weight_ih.t()).view(B, T, 4 * H)
     out = torch.empty(B, T, H, device=x.device, dtype=x.dtype)
     c = torch.empty(T, B, H, device=x.device, dtype=torch.float32)
@@ -270,12 +296,12 @@ def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     return out, c, act
 
 
-def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act):
+def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act, cfg: StepConfig | None = None):
     """Backward of one layer: the T step kernels in reverse, then the weight-gradient matmuls."""
     B, T, _ = x.shape
     H = h0.shape[1]
     dtype = x.dtype
-    cfg = step_config(B, H, dtype)
+    cfg = cfg or step_config(B, H, dtype, "bwd")
     d_gates = torch.empty(B, T, 4 * H, device=x.device, dtype=dtype)  # dG, rows (b, t) for the matmuls
     d_out = d_out.contiguous()
     dc = d_cn.float().clone().contiguous()

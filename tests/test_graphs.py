@@ -362,3 +362,16 @@ def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, ex
 
 def test_the_cuda_graph_api_is_the_real_one_on_cuda():
     assert isinstance(graphs.graph_api(torch.device("cuda", 0)), graphs.CudaGraphs)
+
+
+def test_the_cli_trains_with_cuda_graph_semantics_on_the_cpu_behind_the_test_switch(corpus_dir, tmp_path, monkeypatch,
+                                                                                    capsys, replays):
+    monkeypatch.setenv(graphs.SIMULATE_ENV, "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "r"), "--device", "cpu",
+                              "--cuda-graphs", "--embed-size", "8", "--hidden-size", "16", "--batch-size", "4",
+                              "--seq-len", "5", "--eval-batch-size", "3", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "LSTM backend torch, CUDA graphs," in out and "CUDA graphs off" not in out
+    assert sum(graph.fn.__name__ == "_step" for graph in replays) == 132 + 1

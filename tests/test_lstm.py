@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastlm import lstm as lstm_module
 from fastlm.lstm import LSTM, resolve_backend
 from helpers import assert_rel_close
 
@@ -67,9 +68,28 @@ def test_parameters_are_nn_lstm_parameters():
     assert isinstance(ours, nn.LSTM)
 
 
-def test_auto_backend_is_torch_on_cpu():
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert resolve_backend("reference", "cpu") == "reference"
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("backend, device, amp, graphed, expected", [
+    ("auto", "cuda", BF16, True, "triton"),  # tensor cores, one replay: where the fused kernel wins
+    ("auto", "cuda", FP16, True, "triton"),
+    ("auto", "cuda", None, True, "torch"),  # fp32: the kernel's IEEE products use no tensor cores
+    ("auto", "cuda", BF16, False, "torch"),  # eager: 2·T Python launches per layer and step
+    ("auto", "cpu", BF16, True, "torch"),
+    ("auto", "cpu", None, False, "torch"),
+    ("triton", "cuda", None, False, "triton"),  # a named backend is always taken
+    ("reference", "cpu", None, False, "reference"),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_auto_picks_the_backend_expected_to_be_fastest_for_the_run(monkeypatch, backend, device, amp, graphed,
+                                                                  expected):
+    monkeypatch.setattr(lstm_module, "_triton_available", lambda: True)
+    assert resolve_backend(backend, device, amp, graphed) == expected
+
+
+def test_auto_without_triton_installed_is_torch(monkeypatch):
+    monkeypatch.setattr(lstm_module, "_triton_available", lambda: False)
+    assert resolve_backend("auto", "cuda", BF16, graphed=True) == "torch"
 
 
 @pytest.mark.parametrize(
