@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastlm.cli import run_main
 from fastlm.comparison import compare_detach, compare_teacher_forcing
-from fastlm.config import TrainConfig, check_config
+from fastlm.config import TrainConfig, add_flag, check_config
 from fastlm.scheduled_sampling import SCHEDULES
 
 MODEL_FLAGS = ("data", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr", "clip",
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     common = argparse.ArgumentParser(add_help=False)
     for name in MODEL_FLAGS:
-        common.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
-                            default=getattr(defaults, name), help=f"as in fastlm.train (default: {getattr(defaults, name)})")
+        add_flag(common, name, default=getattr(defaults, name))
     common.add_argument("--out", help="report folder (default: runs/compare-<experiment>-<timestamp>)")
     p = argparse.ArgumentParser(prog="python -m fastlm.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,47 +5,78 @@ a run can be resumed (and its shape-changing fields refused) from the checkpoint
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import argparse
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from fastlm.lstm import resolve_backend
+from fastlm.lstm import BACKENDS, resolve_backend
 from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
 
 DEFAULT_DATA = "data/ptb"
 
 
+def _flag(default, help: str, resumable: bool = False, type=None):
+    """A TrainConfig field: its default, its --help text and whether a resumed run may change it,
+    declared once; `flag_parser` builds the command line from these."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "type": type})
+
+
 @dataclass
 class TrainConfig:
-    data: str = DEFAULT_DATA
-    embed_size: int = 128
-    hidden_size: int = 1024
-    num_layers: int = 1
-    epochs: int = 5
-    batch_size: int = 20
-    seq_len: int = 30
-    lr: float = 0.002
-    clip: float = 0.5
-    backend: str = "auto"
-    device: str = "auto"
-    seed: int = 1234
-    out: str | None = None  # the run folder; None → runs/<timestamp>
-    max_steps: int | None = None  # optimizer steps in total, counted across resumes
-    log_interval: int = 100
-    eval_batch_size: int = 10
-    eval_interval: int | None = None  # also validate every N steps (besides each epoch end)
-    eval_tokens: int | None = None  # validate those interim points on the first N tokens only
-    teacher_forcing: float = 1.0  # probability of feeding the true word (1: teacher forcing)
-    teacher_forcing_schedule: str = "constant"
-    teacher_forcing_steps: int | None = None  # the schedule's horizon; None → epochs × steps per epoch
-    free_running_token: str = "argmax"  # what is fed back when not teacher forcing: argmax | sample
-    cuda_graphs: bool | None = None  # replay each step as one CUDA graph; None → on for CUDA
-    amp: str = "auto"  # autocast dtype: off | bf16 | fp16 | auto (bf16 where the GPU has it, else off)
+    data: str = _flag(DEFAULT_DATA, "folder with train.txt, valid.txt, test.txt (PTB is downloaded into "
+                      "data/ptb if missing)", resumable=True)
+    embed_size: int = _flag(128, "word embedding size")
+    hidden_size: int = _flag(1024, "LSTM hidden size")
+    num_layers: int = _flag(1, "stacked LSTM layers")
+    epochs: int = _flag(5, "passes over the training data", resumable=True)
+    batch_size: int = _flag(20, "rows the token stream is cut into")
+    seq_len: int = _flag(30, "TBPTT window length (tokens between detaches)")
+    lr: float = _flag(0.002, "Adam learning rate")
+    clip: float = _flag(0.5, "gradient-norm clipping threshold")
+    backend: str = _flag("auto", f"LSTM backend: {', '.join(BACKENDS)} (auto: the fused kernel for a bf16/fp16 "
+                         "step captured as a CUDA graph, torch's LSTM otherwise)", resumable=True)
+    device: str = _flag("auto", "cpu, cuda, cuda:N or auto", resumable=True)
+    seed: int = _flag(1234, "random seed")
+    out: str | None = _flag(None, "run folder (default: runs/<timestamp>)", resumable=True, type=str)
+    max_steps: int | None = _flag(None, "stop after this many optimizer steps in total, counted across resumes",
+                                  resumable=True, type=int)
+    log_interval: int = _flag(100, "steps between log lines", resumable=True)
+    eval_batch_size: int = _flag(10, "rows for validation and test")
+    eval_interval: int | None = _flag(None, "also validate every N steps (metrics.jsonl), besides each epoch end",
+                                      resumable=True, type=int)
+    eval_tokens: int | None = _flag(None, "validate those interim points on the first N validation tokens only",
+                                    resumable=True, type=int)
+    teacher_forcing: float = _flag(1.0, "probability of feeding the true word at each step (1: teacher forcing, "
+                                   "0: free running)")
+    teacher_forcing_schedule: str = _flag("constant", f"decay of --teacher-forcing over training: "
+                                          f"{', '.join(SCHEDULES)}")
+    teacher_forcing_steps: int | None = _flag(None, "steps over which the schedule decays (default: the whole "
+                                              "run, epochs x steps)", type=int)
+    free_running_token: str = _flag("argmax", "the model's word fed back when not teacher forcing: argmax or sample")
+    cuda_graphs: bool | None = _flag(None, "replay each training step as one CUDA graph (default: on for CUDA)",
+                                     resumable=True, type=bool)
+    amp: str = _flag("auto", "autocast dtype: off, bf16, fp16 or auto (bf16 on a GPU that has it, off on the CPU)",
+                     resumable=True)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, default=argparse.SUPPRESS) -> None:
+    """Add TrainConfig's field `name` as --name, with its help, type and default from the field.
+
+    The default SUPPRESS keeps flags that were not given out of the namespace, so a resume knows
+    what changed."""
+    spec = next(f for f in fields(TrainConfig) if f.name == name)
+    meta, shown = spec.metadata, spec.default
+    help_text = meta["help"] if "(default" in meta["help"] or shown is None else f"{meta['help']} (default: {shown})"
+    flag = f"--{name.replace('_', '-')}"
+    if meta["type"] is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+    else:
+        parser.add_argument(flag, type=meta["type"] or type(shown), default=default, help=help_text)
 
 
 # What a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_OVERRIDES = {"epochs", "max_steps", "log_interval", "device", "out", "backend", "data", "eval_interval",
-                       "eval_tokens", "cuda_graphs", "amp"}
+RESUMABLE_OVERRIDES = {f.name for f in fields(TrainConfig) if f.metadata["resumable"]}
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
