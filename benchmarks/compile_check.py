@@ -29,7 +29,8 @@ from triton.backends.compiler import GPUTarget
 
 # Named imports: `fastlm.kernels.fused_lstm` as an attribute is the function, not the module.
 from benchmarks import tune_step
-from fastlm.kernels.fused_lstm import StepConfig, _lstm_bwd_step, _lstm_fwd_step, interpreting, step_config
+from fastlm.kernels.fused_lstm import (DTYPE_NAMES, StepConfig, _lstm_bwd_step, _lstm_fwd_step, interpreting,
+                                       rule_step_config, tuned_configs)
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -75,13 +76,18 @@ def _resources(cubin: bytes) -> dict:
 
 
 def configurations() -> list[tuple[str, torch.dtype, int, StepConfig]]:
-    """(kernel, dtype, H, config): every configuration `step_config` picks, and every candidate the
-    GPU sweep (benchmarks/tune_step.py) may time, so that it only ever picks a proven one."""
-    chosen = {(kernel, dtype, H, step_config(B, H, dtype, kernel))
+    """(kernel, dtype, H, config): every configuration the rule picks, every candidate the GPU sweep
+    (benchmarks/tune_step.py) may time and every winner it recorded, so that all are proven."""
+    chosen = {(kernel, dtype, H, rule_step_config(B, H, dtype))
               for kernel in tune_step.KERNELS for dtype in DTYPES for H in HIDDEN for B in BATCHES}
     swept = {(kernel, tune_step.DTYPE, H, cfg)
              for B, H in tune_step.SHAPES for kernel in tune_step.KERNELS for cfg in tune_step.candidates(B, H)}
-    return sorted(chosen | swept, key=lambda c: (c[0], str(c[1]), c[2], astuple(c[3])))
+    recorded = set()
+    for (_, key), cfg in tuned_configs().items():
+        kernel, dtype, _, hidden = key.split()
+        dtype = next(d for d, name in DTYPE_NAMES.items() if name == dtype)
+        recorded.add((kernel, dtype, int(hidden.removeprefix("H")), cfg))
+    return sorted(chosen | swept | recorded, key=lambda c: (c[0], str(c[1]), c[2], astuple(c[3])))
 
 
 def check_all() -> list[dict]:

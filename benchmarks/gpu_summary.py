@@ -6,6 +6,8 @@ Reads what benchmarks/gpu_check.sh left in OUTDIR: the kernel tests' exit status
 table, the benchmark results (cuda-*.json) and the full default run (run-full/). Asserts:
 
 - the kernel tests passed on the compiled kernel;
+- the default run took the GPU's default path: CUDA graphs with the fused kernel, no eager fallback
+  (a fallback trains well too, and would otherwise pass unnoticed);
 - the default run's validation perplexity after epoch 1 is within 5% of the CPU's fp32 figure;
 - the run's final parameters are not degenerate: every tensor finite and not constant (the first
   review found a capture that zeroed the model, which trains a unigram model from the output bias).
@@ -75,6 +77,10 @@ def summarize(outdir: Path) -> dict:
         checks["parameters are not degenerate"] = (False, "no checkpoint.pt in run-full")
 
     log = (outdir / "train_full.txt").read_text() if (outdir / "train_full.txt").is_file() else ""
+    fallback = next((line for line in log.splitlines() if "CUDA graphs off" in line), None)
+    checks["the default run is graphed, with the fused kernel"] = (
+        "LSTM backend triton, CUDA graphs" in log and fallback is None,
+        fallback or ("as planned" if "LSTM backend triton, CUDA graphs" in log else "its first line names another path"))
     timing = re.search(r"Training time: ([\d.]+) s for (\d+) steps", log)
     tuned = outdir / "step_configs.json"
     return {
@@ -86,7 +92,6 @@ def summarize(outdir: Path) -> dict:
             "steps": int(timing.group(2)) if timing else None,
             "step_300_loss": next((r["loss"] for r in records if r.get("global_step") == 300 and r["split"] == "train"),
                                   None),
-            "fell_back_to_eager": "CUDA graphs off" in log,
         },
         "benchmarks": [{k: r[k] for k in ("group", "provider", "median_s", "speedup_vs_baseline", "tflops",
                                           "cudnn_kernels", "tokens_per_s") if k in r}

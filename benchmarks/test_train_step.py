@@ -13,8 +13,9 @@ Providers, in the order they run (the order matters on the CPU, see `allocator` 
 - `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): on the CPU the output layer runs on
   AMX where it exists and the LSTM stays fp32; on CUDA the whole step is replayed as one CUDA
   graph (`fastlm-graphs-bf16`, with the fused kernel, as `--backend auto` picks there).
-- `fastlm-graphs-bf16-cudnn` (CUDA): the same graphed step with cuDNN's LSTM, so that the graph's
-  gain and the fused kernel's gain are separate rows.
+- `fastlm-graphs-bf16-cudnn` (CUDA): the same graphed step with cuDNN's LSTM, and
+  `fastlm-eager-bf16-cudnn` that step without the graph, so that the graph's gain and the fused
+  kernel's gain are separate rows at one precision.
 - `matmuls-only-fp32`: nothing but the step's matrix products at their real shapes, outputs
   allocated once: what the arithmetic alone costs on this machine, the attainable floor.
 
@@ -50,7 +51,7 @@ from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.config import TrainConfig, cpu_multiplies_bf16
 from fastlm.graphs import CudaGraphs, GraphedStep
 from fastlm.model import RNNLM
-from fastlm.trainer import make_optimizer
+from fastlm.optimizer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,6 +207,17 @@ def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
     amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
     record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, backend=backend,
+           **fields)
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_fastlm_eager_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere):
+    # bf16 without the graph: against fastlm-graphs-bf16-cudnn it is the graph's gain alone, at the
+    # same precision (fastlm-fp32 differs in both).
+    if DEVICE != "cuda":
+        pytest.skip("on the CPU fastlm-bf16 is this row")
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, False, "torch"), plain_step, plain_elsewhere)
+    record(GROUP, "fastlm-eager-bf16-cudnn", benchmark, data=windows[1], allocator=allocator(), backend="torch",
            **fields)
 
 

@@ -124,6 +124,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def use_device(device: torch.device) -> None:
+    """Make a CUDA device the current one: streams, graph captures and Triton launches all go to the
+    current device, whatever device the tensors are on."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def check_config(cfg: TrainConfig) -> None:
     positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "log_interval", "eval_batch_size")
     for name in positive:

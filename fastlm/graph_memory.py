@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastlm.optimizer import update
+
 
 class _Saved:
     """A saved tensor held by the graph; tells the meter when the graph lets it go."""
@@ -109,11 +111,8 @@ def run_chunks(model, optimizer, windows, detach: bool, clip: float) -> list[Chu
             logits, state = model(inputs, state)
             loss = F.cross_entropy(logits, targets.reshape(-1))
             graph_bytes = meter.live_bytes
-            optimizer.zero_grad(set_to_none=True)
             # Without detach the next window's backward runs through this graph again: keep it.
-            loss.backward(retain_graph=not detach)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-            optimizer.step()
+            update(model, optimizer, loss, clip, retain_graph=not detach)
             loss_value = loss.item()
             del logits, loss
             peak = None

@@ -31,8 +31,10 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm.model import RNNLM
+from fastlm.optimizer import update
 
 WARMUP_STEPS = 3  # eager iterations on a side stream before capture, as torch.cuda.graphs documents
 SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated
@@ -53,25 +55,48 @@ class GraphAPI(Protocol):
 
 
 class CudaGraphs:
-    """torch.cuda's graphs: warm up on a side stream, record `fn` once, replay it."""
+    """torch.cuda's graphs on one device: warm up on a side stream, record `fn` once, replay it.
+
+    Streams and the capture are made under `torch.cuda.device(device)`: torch.cuda.graph captures on
+    a stream of the *current* device, so with cuda:1 tensors and device 0 current the step's kernels
+    would run outside the capture.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
 
     @contextlib.contextmanager
     def side_stream(self):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            try:
+                with torch.cuda.stream(side):
+                    yield
+            finally:  # also when a warm-up step raises: what runs next must not race its kernels
+                torch.cuda.current_stream(self.device).wait_stream(side)
 
     def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        with torch.cuda.device(self.device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+                fn()
         return graph
 
 
 def _addresses(buffers: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {name: (t.data_ptr(), tuple(t.shape), t.dtype) for name, t in buffers.items()}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Inside a capture a tensor's value cannot reach Python (no kernel has run yet): `.item()`,
+    `bool(t)`, `float(t)` all come down to `_local_scalar_dense`, which is refused here."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("simulated CUDA graph: the captured function reads a tensor's value on the host, "
+                               "which a real capture refuses (and a replay would not repeat)")
+        return func(*args, **(kwargs or {}))
 
 
 class SimulatedGraph:
@@ -88,7 +113,8 @@ class SimulatedGraph:
 
     def replay(self) -> None:
         self._check("since capture")
-        self.fn()
+        with _NoHostReads():
+            self.fn()
         self._check("by the captured function itself")
 
 
@@ -100,7 +126,8 @@ class SimulatedGraphs:
 
     def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph:
         before = {name: (t.data_ptr(), t.detach().clone()) for name, t in buffers().items()}
-        fn()
+        with _NoHostReads():
+            fn()
         with torch.no_grad():  # capture records kernels without running them
             for name, t in buffers().items():
                 if name in before and before[name][0] == t.data_ptr():
@@ -114,7 +141,7 @@ def graph_api(device: torch.device) -> GraphAPI | None:
     """CUDA graphs on a CUDA device; on the CPU the simulation when FASTLM_SIMULATE_CUDA_GRAPHS=1
     (the test switch that runs the trainer's GPU path on the CPU), else None: no graphs here."""
     if device.type == "cuda":
-        return CudaGraphs()
+        return CudaGraphs(device)
     if os.environ.get(SIMULATE_ENV, "0") not in ("", "0"):
         return SimulatedGraphs()
     return None
@@ -175,7 +202,10 @@ class GraphedForward:
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.inputs.copy_(inputs)
         self.targets.copy_(targets)
-        self.graph.replay() if self.graph is not None else self._forward()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
 
 
 class _Snapshot:
@@ -192,11 +222,25 @@ class _Snapshot:
     def changed_parameters(self) -> list[str]:
         return [name for name, p, saved in self.named if not torch.equal(p.detach(), saved)]
 
+    def updates(self) -> list[torch.Tensor]:
+        """How far each parameter moved since the snapshot."""
+        return [p.detach() - saved for _, p, saved in self.named]
+
     @torch.no_grad()
-    def restore(self, step: GraphedStep, keep_new_state: bool) -> None:
-        """Put every value back. Optimizer state made since the snapshot is zeroed (as Adam starts it)
-        when `keep_new_state`, since a captured graph reads those very tensors; else it is removed,
-        and the gradients are put back too."""
+    def restore_keeping_new_state(self, step: GraphedStep) -> None:
+        """Put every value back; optimizer state made since the snapshot stays, zeroed as Adam starts
+        it, since a captured graph reads those very tensors."""
+        self._restore(step, keep_new_state=True)
+
+    @torch.no_grad()
+    def restore_all(self, step: GraphedStep) -> None:
+        """Put every value back and remove optimizer state made since the snapshot, gradients too:
+        the step is as it was before."""
+        self._restore(step, keep_new_state=False)
+        for p, grad in self.grads:
+            p.grad = grad
+
+    def _restore(self, step: GraphedStep, keep_new_state: bool) -> None:
         for _, p, saved in self.named:
             p.copy_(saved)
         for t, saved in self.carried:
@@ -214,9 +258,6 @@ class _Snapshot:
                     del state[key]
             if not state:
                 del step.optimizer.state[p]
-        if not keep_new_state:
-            for p, grad in self.grads:
-                p.grad = grad
 
 
 class GraphedStep:
@@ -248,20 +289,10 @@ class GraphedStep:
             self._capture(graphs)
 
     def _step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=self.free_grads)
         with autocast(self.device_type, self.amp_dtype):
             logits, (h, c) = self.model(self.inputs, (self.h, self.c))
             loss = F.cross_entropy(logits, self.targets.reshape(-1))
-        if self.scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
-            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
-            self.scaler.update()
+        update(self.model, self.optimizer, loss, self.clip, self.scaler, free_grads=self.free_grads)
         self.loss_sum += loss.detach()
         with torch.no_grad():  # the detach: values cross the window edge, gradients do not
             self.h.copy_(h)
@@ -293,21 +324,22 @@ class GraphedStep:
                     self._step()
             self.graph = graphs.capture(self._step, self._buffers)
         except BaseException:
-            before.restore(self, keep_new_state=False)  # the eager fallback starts from the same model
+            before.restore_all(self)  # the eager fallback starts from the same model
             raise
-        before.restore(self, keep_new_state=True)
+        before.restore_keeping_new_state(self)
         self._before_capture = before
 
     def check_replay(self, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
         """The start-up self-check of a captured step: None when capture kept every parameter bit for
-        bit and one replay on this window gives the loss of an eager forward (within the dtype's
-        tolerance), else what differs. The trial step is undone; costs one forward and one step."""
+        bit and one replay on this window matches eager execution (its loss that of an eager forward,
+        its parameter updates those of an eager step, within the dtype's tolerance), else what
+        differs. The trial steps are undone; costs one forward and two steps."""
         if self.graph is None:
             return None
         before, self._before_capture = self._before_capture, None
-        changed = before.changed_parameters()
+        changed = before.changed_parameters()  # on a GPU: a restore that raced the side stream
         if changed:
-            before.restore(self, keep_new_state=True)  # so that an eager fallback starts from the right model
+            before.restore_keeping_new_state(self)  # so that an eager fallback starts from the right model
             return f"capture changed {len(changed)} parameter(s), first {changed[0]}"
         trial = _Snapshot(self)
         lm = getattr(self.model, "module", self.model)
@@ -315,12 +347,21 @@ class GraphedStep:
             logits, _ = lm(inputs, (self.h, self.c))
             expected = F.cross_entropy(logits, targets.reshape(-1)).item()
         self.step(inputs, targets)
-        replayed = self.take_loss_sum()
-        trial.restore(self, keep_new_state=True)
+        replayed, replayed_updates = self.take_loss_sum(), trial.updates()
+        trial.restore_keeping_new_state(self)
+        self._step()  # the same step, eagerly, from the same values
+        eager_updates = trial.updates()
+        trial.restore_keeping_new_state(self)
         tolerance = REPLAY_TOLERANCE[self.amp_dtype]
         error = abs(replayed - expected) / max(abs(expected), 1e-30)
         if not error <= tolerance:  # also catches NaN
             return (f"the first replayed loss {replayed:.6g} differs from an eager forward's {expected:.6g} "
+                    f"(relative {error:.1e} > {tolerance:.0e})")
+        moved = torch.cat([u.flatten().double() for u in replayed_updates])
+        eager = torch.cat([u.flatten().double() for u in eager_updates])
+        error = ((moved - eager).norm() / eager.norm().clamp_min(1e-30)).item()
+        if not error <= tolerance:
+            return (f"the first replay updated the parameters differently from an eager step "
                     f"(relative {error:.1e} > {tolerance:.0e})")
         return None
 

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastlm.optimizer import update
+
 SCHEDULES = ("constant", "linear", "exponential", "inverse-sigmoid")
 FREE_RUNNING_TOKENS = ("argmax", "sample")
 
@@ -40,7 +42,7 @@ def free_running_step(model, optimizer, inputs, targets, state, clip: float, tea
                       token: str = "argmax"):
     """One TBPTT window run step by step, feeding back predictions with probability 1 − P.
 
-    Returns the loss (a device tensor) and the new state, like `trainer.train_step`.
+    Returns the loss (a device tensor) and the new state.
     """
     state = tuple(s.detach() for s in state)
     batch, steps = inputs.shape
@@ -60,8 +62,5 @@ def free_running_step(model, optimizer, inputs, targets, state, clip: float, tea
             word = torch.where(use_truth, inputs[:, t + 1], predicted)
     logits = torch.stack(step_logits, dim=1).reshape(batch * steps, -1)
     loss = F.cross_entropy(logits, targets.reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    optimizer.step()
+    update(model, optimizer, loss, clip)
     return loss, state

@@ -20,11 +20,12 @@ from fastlm import distributed
 from fastlm.allocator import retain_freed_memory
 from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
 from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config, cpu_multiplies_bf16,
-                           pick_device, resume_config)
+                           pick_device, resume_config, use_device)
 from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
 from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
 from fastlm.lstm import resolve_backend
 from fastlm.model import RNNLM
+from fastlm.optimizer import make_optimizer
 from fastlm.run import StopFlag, new_run_dir, rng_state, set_rng_state
 from fastlm.scheduled_sampling import free_running_step, teacher_forcing_probability
 
@@ -43,21 +44,6 @@ class TrainResult:
     best_test_ppl: float | None  # of the best-by-validation weights
     interrupted: bool = False
     train_seconds: float = 0.0  # steps and validation, from the first step on; checkpoint writes excluded
-
-
-def train_step(model: RNNLM, optimizer, inputs, targets, state, clip: float):
-    """One TBPTT step: forward from the carried state, backward within the window, clip, update.
-
-    Returns the loss (a device tensor: reading it would sync) and the new state.
-    """
-    state = tuple(s.detach() for s in state)  # the TBPTT cut: gradients stop at the window edge
-    logits, state = model(inputs, state)
-    loss = F.cross_entropy(logits, targets.reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    optimizer.step()
-    return loss, state
 
 
 @torch.no_grad()
@@ -94,22 +80,11 @@ def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, amp_dtype: torch.dt
     return total.item() / max(count.item(), 1.0)
 
 
-def make_optimizer(model: RNNLM, lr: float, capturable: bool, state: dict | None = None) -> torch.optim.Adam:
-    """Adam, fused (all parameters in one kernel: ~6x the default's speed on this CPU), optionally
-    from a saved state. `capturable` keeps its step count on the device, which a CUDA graph needs;
-    it is this run's choice, not the saved run's, so it is set after loading."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
-    if state is not None:
-        optimizer.load_state_dict(state)
-        for group in optimizer.param_groups:
-            group["capturable"] = capturable
-    return optimizer
-
-
 def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World, scaler, say) -> GraphAPI | None:
     """The CUDA graph mechanism this run captures its step with, or None to run it eagerly."""
     api = graph_api(device)
-    if not (api is not None if cfg.cuda_graphs is None else cfg.cuda_graphs):
+    wanted = cfg.cuda_graphs if cfg.cuda_graphs is not None else api is not None
+    if not wanted:
         return None
     if api is None:
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
@@ -124,19 +99,25 @@ def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World
     return None
 
 
-def _captured_step(net, optimizer, cfg: TrainConfig, batch_size: int, amp_dtype, graphs: GraphAPI, first_window,
-                   state, say) -> GraphedStep | None:
-    """The step captured as a graph and checked on the first window; None (said why) when either fails."""
+def _captured_step(net, model: RNNLM, optimizer, cfg: TrainConfig, device: torch.device, batch_size: int,
+                   amp_dtype, graphs: GraphAPI, first_window, state, say) -> tuple[GraphedStep, torch.optim.Adam]:
+    """The step captured as a graph and checked on the first window. When the capture or the check
+    fails, says why in one line and returns the eager step instead, with a new optimizer that is not
+    capturable and, for --backend auto, the backend auto picks for eager steps."""
     try:
         stepper = GraphedStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype, graphs)
         stepper.reset_state(state)
         problem = stepper.check_replay(*first_window)
-    except RuntimeError as err:  # capture can fail on an unsupported op; the eager step is the same math
-        problem = f"the capture failed ({str(err).splitlines()[0]})"
+    except Exception as err:  # capture can fail on an unsupported op (or a Triton error); eager is the same math
+        problem = f"the capture failed ({(str(err).splitlines() or [type(err).__name__])[0]})"
     if problem is None:
-        return stepper
-    say(f"CUDA graphs off: {problem}; training eagerly from the same weights")
-    return None
+        return stepper, optimizer
+    optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict())
+    backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=False)
+    switched = f", LSTM backend {backend}" if backend != model.lstm.backend else ""
+    model.lstm.backend = backend
+    say(f"CUDA graphs off: {problem}; training eagerly from the same weights{switched}")
+    return GraphedStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype), optimizer
 
 
 def perplexity(loss: float) -> float:
@@ -165,6 +146,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
 def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World) -> TrainResult:
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    use_device(device)
     run_dir = Path(cfg.out) if cfg.out else new_run_dir()
     if world.enabled and cfg.out is None:
         raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
@@ -204,13 +186,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
         retain_freed_memory()  # no page faults on freshly mapped tensors every step
         if cfg.amp == "auto" and cpu_multiplies_bf16():
             say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, LSTM in fp32)")
-    optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None)
-
     epoch, step, global_step, best_valid = 0, 0, 0, math.inf
     state = None
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None, state=ckpt["optimizer"])
+    optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None, state=ckpt and ckpt["optimizer"])
+    if ckpt:
         if scaler is not None and ckpt.get("scaler"):  # absent in checkpoints of runs without float16
             scaler.load_state_dict(ckpt["scaler"])
         epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
@@ -266,17 +247,14 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: dis
         f"{f'{world.size} ranks of {local_batch} rows, ' if world.enabled else ''}"
         f"LSTM backend {backend}, {'CUDA graphs' if graphs else 'eager steps'}, run folder {run_dir}"
     )
-    stepper = None
-    if graphs is not None:
-        first_window = next(iter(tbptt_windows(train_data, cfg.seq_len, start=step)))
-        stepper = _captured_step(net, optimizer, cfg, local_batch, amp_dtype, graphs, first_window,
-                                 state if step > 0 else None, say)
-    if stepper is None:
-        if graphs is not None:  # the capture or its check failed: the same math, eagerly
-            graphs = None
-            optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict())
-            model.lstm.backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=False)
+    if graphs is None:
         stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, None, scaler)
+    else:
+        first_window = next(iter(tbptt_windows(train_data, cfg.seq_len, start=step)))
+        stepper, optimizer = _captured_step(net, model, optimizer, cfg, device, local_batch, amp_dtype, graphs,
+                                            first_window, state if step > 0 else None, say)
+        if stepper.graph is None:
+            graphs = None
     # Validation and test batches have the same shape: one forward, captured once, serves them all.
     eval_forward = None
     if graphs is not None:

@@ -213,8 +213,9 @@ class StepConfig:
     num_stages: int
 
 
-# The fastest block configuration per shape, measured on a GPU by `python -m benchmarks.tune_step`
-# (benchmarks/gpu_check.sh runs it). Shapes it does not list use the rule in `step_config`.
+# The fastest block configuration per GPU model and shape, measured by `python -m benchmarks.tune_step`
+# (benchmarks/gpu_check.sh runs it). Anything it does not list uses `rule_step_config`: a winner on
+# one GPU may not even launch on another (its shared memory), so entries apply to their GPU only.
 TUNED_CONFIGS = Path(__file__).with_name("step_configs.json")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -223,18 +224,25 @@ def tuned_key(kernel: str, batch: int, hidden: int, dtype: torch.dtype) -> str:
     return f"{kernel} {DTYPE_NAMES[dtype]} B{batch} H{hidden}"
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 @functools.lru_cache(maxsize=1)
-def tuned_configs() -> dict[str, StepConfig]:
+def tuned_configs() -> dict[tuple[str, str], StepConfig]:
+    """(GPU name, tuned_key) → the measured winner."""
     if not TUNED_CONFIGS.is_file():
         return {}
     rows = json.loads(TUNED_CONFIGS.read_text())["configs"]
-    return {row["key"]: StepConfig(**row["config"]) for row in rows}
+    return {(row["gpu"], row["key"]): StepConfig(**row["config"]) for row in rows}
 
 
-def step_config(batch: int, hidden: int, dtype: torch.dtype, kernel: str = "fwd") -> StepConfig:
-    """The block sizes of a step kernel (`fwd` or `bwd`): the one place they are chosen, the
-    measured winner from TUNED_CONFIGS where the shape is listed there, else `rule_step_config`."""
-    return tuned_configs().get(tuned_key(kernel, batch, hidden, dtype)) or rule_step_config(batch, hidden, dtype)
+def step_config(batch: int, hidden: int, dtype: torch.dtype, kernel: str = "fwd",
+                device: torch.device | None = None) -> StepConfig:
+    """The block sizes of a step kernel (`fwd` or `bwd`) on `device`: the one place they are chosen,
+    the measured winner from TUNED_CONFIGS for this GPU and shape where it lists one, else the rule."""
+    tuned = tuned_configs().get((device_name(device), tuned_key(kernel, batch, hidden, dtype))) if device else None
+    return tuned or rule_step_config(batch, hidden, dtype)
 
 
 def rule_step_config(batch: int, hidden: int, dtype: torch.dtype) -> StepConfig:
@@ -275,7 +283,7 @@ def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cfg: StepCon
     `cfg` overrides `step_config` (the tuning sweep times each candidate through it)."""
     B, T, _ = x.shape
     H = h0.shape[1]
-    cfg = cfg or step_config(B, H, x.dtype, "fwd")
+    cfg = cfg or step_config(B, H, x.dtype, "fwd", x.device)
     x_proj = torch.addmm((bias_ih + bias_hh), x.reshape(B * T, -1), weight_ih.t()).view(B, T, 4 * H)
     out = torch.empty(B, T, H, device=x.device, dtype=x.dtype)
     c = torch.empty(T, B, H, device=x.device, dtype=torch.float32)
@@ -301,7 +309,7 @@ def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, ac
     B, T, _ = x.shape
     H = h0.shape[1]
     dtype = x.dtype
-    cfg = cfg or step_config(B, H, dtype, "bwd")
+    cfg = cfg or step_config(B, H, dtype, "bwd", x.device)
     d_gates = torch.empty(B, T, 4 * H, device=x.device, dtype=dtype)  # dG, rows (b, t) for the matmuls
     d_out = d_out.contiguous()
     dc = d_cn.float().clone().contiguous()

@@ -24,3 +24,18 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, n
             f"{a[worst].item():.6g} vs {b[worst].item():.6g} (|diff| {diff.max().item():.3e}), "
             f"{int((diff > tol * b.abs().max()).sum())} of {b.numel()} elements off"
         )
+
+
+def train_step(model, optimizer, inputs, targets, state, clip: float):
+    """The plain TBPTT step written out by hand, the oracle for fastlm's steps: cut the graph at the
+    window edge, forward, loss, backward, clip, update. Returns the loss and the new state."""
+    import torch.nn.functional as F
+
+    state = tuple(s.detach() for s in state)
+    logits, state = model(inputs, state)
+    loss = F.cross_entropy(logits, targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    optimizer.step()
+    return loss, state

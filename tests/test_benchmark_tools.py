@@ -59,7 +59,11 @@ def test_the_plain_loop_module_says_what_it_needs():
     assert proc.returncode == 2 and "pass --serve" in proc.stderr
 
 
-def _gpu_check_output(folder, epoch1_ppl: float, zero_output_layer: bool = False, kernel_status: str = "0"):
+GRAPHED = "fastlm: 10000 words, 1549 steps/epoch, device cuda, LSTM backend triton, CUDA graphs, run folder x\n"
+
+
+def _gpu_check_output(folder, epoch1_ppl: float, zero_output_layer: bool = False, kernel_status: str = "0",
+                      log: str = GRAPHED):
     """What gpu_check.sh leaves in its OUTDIR, made up: a run folder, logs, a benchmark result."""
     import torch
 
@@ -75,7 +79,7 @@ def _gpu_check_output(folder, epoch1_ppl: float, zero_output_layer: bool = False
     if zero_output_layer:
         torch.nn.init.zeros_(model.linear.weight)
     torch.save({"model": model.state_dict()}, run / "checkpoint.pt")
-    (folder / "train_full.txt").write_text("Training time: 9.5 s for 7745 steps and 6 validation passes\n")
+    (folder / "train_full.txt").write_text(log + "Training time: 9.5 s for 7745 steps and 6 validation passes\n")
     (folder / "cuda-1.json").write_text(json.dumps({"results": [
         {"group": "g", "provider": "fastlm-graphs-bf16", "median_s": 0.001, "speedup_vs_baseline": 3.0}]}))
     return folder
@@ -89,7 +93,7 @@ def gpu_summary(folder):
 def test_gpu_summary_passes_a_sound_run_and_gathers_the_readme_figures(tmp_path):
     proc = gpu_summary(_gpu_check_output(tmp_path / "out", epoch1_ppl=145.0))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("PASS") == 3 and "FAIL" not in proc.stdout
+    assert proc.stdout.count("PASS") == 4 and "FAIL" not in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     run = summary["default_run"]
     assert run["valid_ppl_by_epoch"] == [145.0, 135.0] and run["training_seconds"] == 9.5 and run["steps"] == 7745
@@ -100,8 +104,21 @@ def test_gpu_summary_passes_a_sound_run_and_gathers_the_readme_figures(tmp_path)
     ({"epoch1_ppl": 150.0}, "epoch-1 validation perplexity within 5%"),  # 6% above the CPU's 141.48
     ({"epoch1_ppl": 140.0, "zero_output_layer": True}, "parameters are not degenerate: linear.weight is constant"),
     ({"epoch1_ppl": 140.0, "kernel_status": "1"}, "kernel tests pass on the compiled kernel"),
-], ids=["perplexity-off", "zeroed-model", "kernel-tests-failed"])
+    ({"epoch1_ppl": 140.0, "log": GRAPHED + "CUDA graphs off: the capture failed (x); training eagerly\n"},
+     "the default run is graphed, with the fused kernel: CUDA graphs off: the capture failed"),
+    ({"epoch1_ppl": 140.0, "log": GRAPHED.replace("triton, CUDA graphs", "torch, eager steps")},
+     "the default run is graphed, with the fused kernel: its first line names another path"),
+], ids=["perplexity-off", "zeroed-model", "kernel-tests-failed", "fell-back-to-eager", "never-graphed"])
 def test_gpu_summary_fails_loudly(tmp_path, changes, failed):
     proc = gpu_summary(_gpu_check_output(tmp_path / "out", **changes))
     assert proc.returncode == 1
     assert [line for line in proc.stdout.splitlines() if line.startswith("FAIL")][0].startswith(f"FAIL  {failed}")
+
+
+def test_gpu_check_refuses_an_outdir_it_did_not_make(tmp_path):
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "is not empty and not an earlier gpu_check OUTDIR" in proc.stderr
+    assert keep.read_text() == "mine"

@@ -1,5 +1,7 @@
 """The static-buffer training step, eager and through the simulated CUDA graph API, and AMP."""
+import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -12,14 +14,15 @@ import torch
 from fastlm import graphs, trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.config import TrainConfig
+from fastlm.config import TrainConfig, use_device
 from fastlm.data import Corpus, batchify, tbptt_windows
 from fastlm.graphs import GraphedForward, GraphedStep, SimulatedGraphs
 from fastlm.lstm import recurrence_dtype
 from fastlm.model import RNNLM
 from fastlm.train import main as train_main
-from fastlm.trainer import evaluate, make_optimizer, train, train_step
-from helpers import TOLERANCE, assert_rel_close
+from fastlm.optimizer import make_optimizer
+from fastlm.trainer import evaluate, train
+from helpers import TOLERANCE, assert_rel_close, train_step
 
 
 def _setup(corpus_dir, backend="torch"):
@@ -145,7 +148,8 @@ def _optimizer_values(optimizer) -> dict:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("trained", [False, True], ids=["fresh", "after-3-steps"])
-@pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES)
+@pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES + [pytest.param("triton", torch.bfloat16,
+                                                                             id="triton-bf16")])
 def test_capture_leaves_the_model_and_the_optimizer_as_they_were(corpus_dir, backend, amp, trained, seed):
     torch.manual_seed(seed)
     model = RNNLM(14, 16, 32, backend=backend)
@@ -184,8 +188,9 @@ def replays(monkeypatch) -> list:
 
 
 def _tiny(corpus_dir, out, **changes) -> TrainConfig:
-    return TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
-                       lr=0.01, log_interval=1, eval_batch_size=3, out=str(out), device="cpu", **changes)
+    cfg = TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
+                      lr=0.01, log_interval=1, eval_batch_size=3, out=str(out), device="cpu")
+    return dataclasses.replace(cfg, **changes)
 
 
 def _train_simulating_graphs(monkeypatch, simulate: bool, *args, **kwargs):
@@ -360,8 +365,6 @@ def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, ex
     assert said in " ".join(lines) and len(lines) == bool(said)
 
 
-def test_the_cuda_graph_api_is_the_real_one_on_cuda():
-    assert isinstance(graphs.graph_api(torch.device("cuda", 0)), graphs.CudaGraphs)
 
 
 def test_the_cli_trains_with_cuda_graph_semantics_on_the_cpu_behind_the_test_switch(corpus_dir, tmp_path, monkeypatch,
@@ -375,3 +378,71 @@ def test_the_cli_trains_with_cuda_graph_semantics_on_the_cpu_behind_the_test_swi
     assert exit_info.value.code == 0
     assert "LSTM backend torch, CUDA graphs," in out and "CUDA graphs off" not in out
     assert sum(graph.fn.__name__ == "_step" for graph in replays) == 132 + 1
+
+
+def test_simulated_graph_training_with_the_fused_kernel_equals_eager_training(corpus_dir, tmp_path, monkeypatch):
+    # The GPU's default: the Triton kernel (interpreted here) in bf16, graphed; fewer steps, since
+    # every kernel program runs in Python.
+    flags = {"backend": "triton", "amp": "bf16", "embed_size": 8, "hidden_size": 16}
+    run = functools.partial(_train_simulating_graphs, monkeypatch)
+    eager = run(False, _tiny(corpus_dir, tmp_path / "eager", max_steps=12, **flags))
+    graphed = run(True, _tiny(corpus_dir, tmp_path / "graphed", max_steps=6, **flags))
+    resumed = run(True, TrainConfig(), resume=str(tmp_path / "graphed"), overrides={"max_steps": 12})
+    assert graphed.train_losses + resumed.train_losses == eager.train_losses
+    want, got = load_checkpoint(tmp_path / "eager"), load_checkpoint(tmp_path / "graphed")
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    assert got["state"][1].dtype == torch.float32, "c crosses the window edge in fp32"
+
+
+def test_a_simulated_capture_refuses_host_reads():
+    total = torch.zeros(())
+    with pytest.raises(RuntimeError, match="reads a tensor's value on the host"):
+        SimulatedGraphs().capture(lambda: total.add_(1.0).item(), lambda: {"total": total})
+    graph = SimulatedGraphs().capture(lambda: total.add_(1.0), lambda: {"total": total})
+    graph.fn = lambda: bool(total > 0)
+    with pytest.raises(RuntimeError, match="reads a tensor's value on the host"):
+        graph.replay()
+
+
+def test_cuda_graphs_work_on_their_device_and_wait_for_the_warm_up_even_when_it_fails(monkeypatch):
+    # torch.cuda's graph API replaced by recorders: CudaGraphs' own lines run on the CPU.
+    calls = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def wait_stream(self, other):
+            calls.append(("wait", self.device, other.device))
+
+    @contextlib.contextmanager
+    def recorded(name, value):
+        calls.append((name, value))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: recorded("on stream", stream.device))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: recorded("device", device))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream: recorded("capture on", stream.device))
+    gpu1 = torch.device("cuda", 1)
+    api = graphs.graph_api(gpu1)
+    assert isinstance(api, graphs.CudaGraphs) and api.device == gpu1
+
+    with pytest.raises(ValueError, match="warm-up failed"), api.side_stream():
+        raise ValueError("warm-up failed")
+    assert calls == [("device", gpu1), ("wait", gpu1, gpu1), ("on stream", gpu1), ("wait", gpu1, gpu1)]
+    calls.clear()
+    ran = []
+    assert api.capture(lambda: ran.append(1), dict) == "graph" and ran == [1]
+    assert calls == [("device", gpu1), ("capture on", gpu1)]
+
+
+def test_the_trainer_makes_its_cuda_device_the_current_one(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    use_device(torch.device("cpu"))
+    use_device(torch.device("cuda", 1))
+    assert chosen == [torch.device("cuda", 1)]

@@ -8,8 +8,7 @@ from torch import nn
 
 from fastlm.model import RNNLM
 from fastlm.scheduled_sampling import SCHEDULES, free_running_step, teacher_forcing_probability
-from fastlm.trainer import train_step
-from helpers import TOLERANCE, assert_rel_close
+from helpers import TOLERANCE, assert_rel_close, train_step
 
 V, E, H, B, T = 11, 6, 8, 3, 5
 
