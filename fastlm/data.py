@@ -102,7 +102,15 @@ class Corpus:
 
 
 def batchify(ids: Tensor, batch_size: int) -> Tensor:
-    """Cut a token stream into `batch_size` contiguous rows: shape (batch_size, len(ids) // batch_size)."""
+    """Cut a token stream into `batch_size` contiguous rows: shape (batch_size, len(ids) // batch_size).
+
+    The stream t0 t1 … t23 with batch_size 4 (a tail that fills no column is dropped):
+
+        row 0 │ t0  t1  t2  t3  t4  t5    each row is one contiguous stretch of the text, so the
+        row 1 │ t6  t7  t8  t9  t10 t11   state carried from one window to the next (columns
+        row 2 │ t12 t13 t14 t15 t16 t17   0-2, then 3-5 with seq_len 3) continues the same row;
+        row 3 │ t18 t19 t20 t21 t22 t23   under torchrun each rank takes a block of whole rows.
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
     columns = ids.numel() // batch_size

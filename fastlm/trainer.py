@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +125,12 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train (or resume) a run; returns what it measured. Raises TrainingError/DataError on bad input.
 
-    Under torchrun the ranks train one model together (see fastlm/distributed.py).
+    Under torchrun the ranks train one model together (see fastlm/distributed.py). `clock` times
+    training (tests pass a fake one).
     """
     ckpt = None
     if resume is not None:
@@ -138,221 +141,257 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     device = pick_device(cfg.device)
     world = distributed.join(cuda=device.type == "cuda")
     try:
-        return _train(cfg, ckpt, device, world)
+        return Run(cfg, ckpt, device, world, clock).train()
     finally:
         distributed.leave(world)
 
 
-def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World) -> TrainResult:
-    if world.enabled and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-    use_device(device)
-    run_dir = Path(cfg.out) if cfg.out else new_run_dir()
-    if world.enabled and cfg.out is None:
-        raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
-    if world.enabled and cfg.teacher_forcing < 1:
-        raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
-                            "train it in one process")
-    say = tqdm.write if world.is_main else (lambda *args: None)
+class Run:
+    """One training run: its data, model and steps, where it stands (epoch, step, best validation
+    loss), and the named steps of its loop. `state_dict()` is the checkpoint that resumes it exactly."""
 
-    # -- data ------------------------------------------------------------------------------------
-    if Path(cfg.data) == Path(DEFAULT_DATA):
-        ensure_ptb(cfg.data, PTB_URL)
-    dictionary = Dictionary(ckpt["vocab"]) if ckpt else None
-    corpus = Corpus(cfg.data, dictionary)
-    # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
-    rows = world.rows(cfg.batch_size)
-    eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
-    train_data = batchify(corpus.train, cfg.batch_size)[rows].to(device)
-    valid_data = batchify(corpus.valid, cfg.eval_batch_size)[eval_rows].to(device)
-    test_data = batchify(corpus.test, cfg.eval_batch_size)[eval_rows].to(device)
-    tbptt_windows(train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
-    steps_per_epoch = num_windows(train_data, cfg.seq_len)
-    planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * steps_per_epoch)  # the schedule's horizon
-    interim_valid = valid_data
-    if cfg.eval_tokens:
-        interim_valid = valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]
-    local_batch = train_data.shape[0]
+    def __init__(self, cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World,
+                 clock: Callable[[], float]):
+        if world.enabled and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        use_device(device)
+        if world.enabled and cfg.out is None:
+            raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
+        if world.enabled and cfg.teacher_forcing < 1:
+            raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
+                                "train it in one process")
+        self.cfg, self.device, self.world, self.clock = cfg, device, world, clock
+        self.run_dir = Path(cfg.out) if cfg.out else new_run_dir()
+        self.say = tqdm.write if world.is_main else (lambda *args: None)
+        self.epoch, self.step, self.global_step, self.best_valid = 0, 0, 0, math.inf
+        self.carried = None  # the resumed (h, c), this rank's rows
+        self.saving_seconds, self.validations = 0.0, 0  # checkpoint writes are not training time
+        self._load_data(ckpt)
+        self._build_model(ckpt)
+        self._build_steps()
+        self.result = TrainResult(self.run_dir, self.global_step, [], None, None, None)
 
-    # -- model and optimizer ---------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    vocab_size = len(corpus.dictionary)
-    amp_dtype = amp_dtype_for(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    graphs = _graphs_for(cfg, device, world, scaler, say)
-    backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=graphs is not None)
-    model = RNNLM(vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, backend=backend).to(device)
-    if device.type == "cpu":
-        retain_freed_memory()  # no page faults on freshly mapped tensors every step
-        if cfg.amp == "auto" and cpu_multiplies_bf16():
-            say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, LSTM in fp32)")
-    epoch, step, global_step, best_valid = 0, 0, 0, math.inf
-    state = None
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-    optimizer = make_optimizer(model, cfg.lr, capturable=graphs is not None, state=ckpt and ckpt["optimizer"])
-    if ckpt:
-        if scaler is not None and ckpt.get("scaler"):  # absent in checkpoints of runs without float16
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
-        best_valid = ckpt["best_valid_loss"]
-        if ckpt["state"] is not None:  # all rows of the global batch: take this rank's
-            state = tuple(s[:, rows].to(device) for s in ckpt["state"])
-        set_rng_state(ckpt["rng"])
+    def _load_data(self, ckpt: dict | None) -> None:
+        cfg, world = self.cfg, self.world
+        if Path(cfg.data) == Path(DEFAULT_DATA):
+            ensure_ptb(cfg.data, PTB_URL)
+        self.corpus = Corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None)
+        # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
+        self.rows = world.rows(cfg.batch_size)
+        eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
+        self.train_data = batchify(self.corpus.train, cfg.batch_size)[self.rows].to(self.device)
+        self.valid_data = batchify(self.corpus.valid, cfg.eval_batch_size)[eval_rows].to(self.device)
+        self.test_data = batchify(self.corpus.test, cfg.eval_batch_size)[eval_rows].to(self.device)
+        tbptt_windows(self.train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
+        self.steps_per_epoch = num_windows(self.train_data, cfg.seq_len)
+        self.planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * self.steps_per_epoch)
+        self.interim_valid = self.valid_data
+        if cfg.eval_tokens:
+            self.interim_valid = self.valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]
 
-    def checkpoint(position_epoch: int, position_step: int, carried) -> dict:
-        return {
-            "format": 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": asdict(cfg),
-            "vocab": list(corpus.dictionary.idx2word),
-            "epoch": position_epoch,
-            "step": position_step,
-            "global_step": global_step,
-            "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
-            "rng": rng_state(),
-            "scaler": None if scaler is None else scaler.state_dict(),  # float16's loss scale and growth count
-            "best_valid_loss": best_valid,
-        }
+    def _build_model(self, ckpt: dict | None) -> None:
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)
+        self.amp_dtype = amp_dtype_for(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.graphs = _graphs_for(cfg, device, self.world, self.scaler, self.say)
+        backend = resolve_backend(cfg.backend, device, self.amp_dtype, graphed=self.graphs is not None)
+        self.model = RNNLM(len(self.corpus.dictionary), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
+                           backend=backend).to(device)
+        if device.type == "cpu":
+            retain_freed_memory()  # no page faults on freshly mapped tensors every step
+            if cfg.amp == "auto" and cpu_multiplies_bf16():
+                self.say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, "
+                         "LSTM in fp32)")
+        if ckpt:
+            self.model.load_state_dict(ckpt["model"])
+        self.optimizer = make_optimizer(self.model, cfg.lr, capturable=self.graphs is not None,
+                                        state=ckpt["optimizer"] if ckpt else None)
+        if ckpt:
+            self.load_state_dict(ckpt)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
+    def _build_steps(self) -> None:
+        cfg, model = self.cfg, self.model
+        self.net = model
+        if self.world.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        local_batch = self.train_data.shape[0]
+        self.say(
+            f"fastlm: {len(self.corpus.dictionary)} words, {self.steps_per_epoch} steps/epoch, device {self.device}, "
+            f"{f'{self.world.size} ranks of {local_batch} rows, ' if self.world.enabled else ''}"
+            f"LSTM backend {model.lstm.backend}, {'CUDA graphs' if self.graphs else 'eager steps'}, "
+            f"run folder {self.run_dir}"
+        )
+        if self.graphs is None:
+            self.stepper = GraphedStep(self.net, self.optimizer, local_batch, cfg.seq_len, cfg.clip, self.amp_dtype,
+                                       None, self.scaler)
+        else:
+            first_window = next(iter(tbptt_windows(self.train_data, cfg.seq_len, start=self.step)))
+            self.stepper, self.optimizer = _captured_step(
+                self.net, model, self.optimizer, cfg, self.device, local_batch, self.amp_dtype, self.graphs,
+                first_window, self.carried if self.step > 0 else None, self.say)
+            if self.stepper.graph is None:
+                self.graphs = None
+        # Validation and test batches have the same shape: one forward, captured once, serves them all.
+        self.eval_forward = None
+        if self.graphs is not None:
+            try:
+                self.eval_forward = GraphedForward(model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype,
+                                                   self.graphs)
+            except Exception as err:  # noqa: BLE001 (validation eagerly is the same math)
+                self.say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
+        if self.eval_forward is None:
+            self.eval_forward = GraphedForward(model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype)
 
-    saving_seconds = 0.0  # kept out of the training time: disk speed is not training speed
+    # -- the loop ----------------------------------------------------------------------------------
 
-    def save(obj: dict, path: Path) -> None:
-        nonlocal saving_seconds
-        started = time.perf_counter()
-        if world.is_main:
-            save_checkpoint(obj, path)
-        saving_seconds += time.perf_counter() - started
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.start_time, start_step = self.clock(), self.global_step
+        with StopFlag() as stop:
+            while self.epoch < cfg.epochs:
+                self.start_epoch()
+                for inputs, targets in tbptt_windows(self.train_data, cfg.seq_len, start=self.step):
+                    if cfg.max_steps is not None and self.global_step >= cfg.max_steps or stop.agreed:
+                        break
+                    self.train_step(inputs, targets)
+                    if self.step % cfg.log_interval == 0 or self.step == self.steps_per_epoch:
+                        self.log_train(stop)
+                    if cfg.eval_interval and self.global_step % cfg.eval_interval == 0:
+                        self.validate_interim()
+                self.bar.close()
+                if self.step < self.steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
+                    self.save(self.state_dict(self.stepper.state), CHECKPOINT)
+                    self.result.interrupted = stop.requested
+                    break
+                self.end_epoch()
+        self.result.global_step, self.result.train_seconds = self.global_step, self.training_seconds()
+        self.say(f"Training time: {self.result.train_seconds:.1f} s for {self.global_step - start_step} steps and "
+                 f"{self.validations} validation passes ({self.saving_seconds:.1f} s of checkpoint writes not counted)")
+        if self.epoch >= cfg.epochs and not self.result.interrupted:
+            self.test()
+        return self.result
 
-    def training_seconds() -> float:
-        return time.perf_counter() - start_time - saving_seconds
+    def start_epoch(self) -> None:
+        self.stepper.reset_state(self.carried if self.step > 0 else None)  # zeros, or the resumed state
+        self.steps_since_log, self.last_log_time = 0, self.clock()
+        self.bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}", unit="step",
+                        disable=None if self.world.is_main else True)
 
-    def record(**fields_) -> None:
-        if not world.is_main:
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        cfg = self.cfg
+        p_true = teacher_forcing_probability(cfg.teacher_forcing, cfg.teacher_forcing_schedule,
+                                             self.global_step / self.planned_steps)
+        if p_true >= 1.0:
+            self.stepper.step(inputs, targets)
+        else:  # step by step, eagerly, in fp32
+            self.stepper.record(*free_running_step(self.model, self.optimizer, inputs, targets, self.stepper.state,
+                                                   cfg.clip, p_true, cfg.free_running_token))
+        self.teacher_forcing = p_true
+        self.step, self.global_step = self.step + 1, self.global_step + 1
+        self.steps_since_log += 1
+        self.bar.update()
+
+    def log_train(self, stop: StopFlag) -> None:
+        distributed.sum_(self.stepper.loss_sum)  # each rank's mean over its rows: average them
+        mean_loss = self.stepper.take_loss_sum() / self.steps_since_log / self.world.size  # the loop's one sync
+        stop.agree(self.world)
+        if not math.isfinite(mean_loss):
+            raise DivergedError(
+                f"the training loss became {mean_loss} at step {self.global_step}; stopped without saving, so "
+                f"{self.run_dir / CHECKPOINT} keeps the last good state (try a lower --lr)"
+            )
+        now = self.clock()
+        tokens_per_s = self.steps_since_log * self.cfg.batch_size * self.cfg.seq_len / (now - self.last_log_time)
+        self.say(f"Epoch [{self.epoch + 1}/{self.cfg.epochs}], Step[{self.step}/{self.steps_per_epoch}], "
+                 f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}")
+        self.bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
+        self.record(split="train", epoch=self.epoch + 1, step=self.step, global_step=self.global_step,
+                    loss=mean_loss, ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s,
+                    time=self.training_seconds(), teacher_forcing=self.teacher_forcing)
+        self.result.train_losses.append(mean_loss)
+        self.steps_since_log, self.last_log_time = 0, now
+
+    def validate_interim(self) -> None:
+        loss = self.validate(self.interim_valid)
+        self.record(split="valid", epoch=self.epoch + 1, step=self.step, global_step=self.global_step, loss=loss,
+                    ppl=perplexity(loss), tokens=self.interim_valid.numel(), time=self.training_seconds())
+
+    def end_epoch(self) -> None:
+        valid_loss = self.validate(self.valid_data)
+        if not math.isfinite(valid_loss):
+            raise DivergedError(f"the validation loss is {valid_loss} after epoch {self.epoch + 1}; not saved")
+        self.epoch, self.step = self.epoch + 1, 0
+        self.result.valid_ppl = perplexity(valid_loss)
+        self.say(f"Epoch [{self.epoch}/{self.cfg.epochs}] validation perplexity: {self.result.valid_ppl:.2f}")
+        self.record(split="valid", epoch=self.epoch, global_step=self.global_step, loss=valid_loss,
+                    ppl=self.result.valid_ppl, time=self.training_seconds())
+        if valid_loss < self.best_valid:
+            self.best_valid = valid_loss
+            self.save(self.state_dict(None), BEST)
+        self.save(self.state_dict(None), CHECKPOINT)
+
+    def test(self) -> None:
+        """Test perplexity of the last weights, then of the best-by-validation ones."""
+        self.result.test_ppl = perplexity(self.validate(self.test_data))
+        self.say(f"Test perplexity (last weights, {self.run_dir / CHECKPOINT}): {self.result.test_ppl:.2f}")
+        self.record(split="test", weights="last", global_step=self.global_step, ppl=self.result.test_ppl)
+        distributed.barrier()  # best.pt is written by rank 0 and read by all
+        if (self.run_dir / BEST).is_file():
+            self.model.load_state_dict(load_checkpoint(self.run_dir / BEST, self.device)["model"])
+            self.result.best_test_ppl = perplexity(self.validate(self.test_data))
+            self.say(f"Test perplexity (best validation, {self.run_dir / BEST}): {self.result.best_test_ppl:.2f}")
+            self.record(split="test", weights="best", global_step=self.global_step, ppl=self.result.best_test_ppl)
+
+    # -- what the loop's steps share ---------------------------------------------------------------
+
+    def validate(self, data: torch.Tensor) -> float:
+        self.validations += 1
+        return evaluate(self.model, data, self.cfg.seq_len, amp_dtype=self.amp_dtype, forward=self.eval_forward)
+
+    def training_seconds(self) -> float:
+        return self.clock() - self.start_time - self.saving_seconds
+
+    def record(self, **fields_) -> None:
+        """Append one record to metrics.jsonl (rank 0 only)."""
+        if not self.world.is_main:
             return
-        with open(metrics_path, "a") as metrics:
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps(fields_) + "\n")
 
-    net = model
-    if world.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    say(
-        f"fastlm: {vocab_size} words, {steps_per_epoch} steps/epoch, device {device}, "
-        f"{f'{world.size} ranks of {local_batch} rows, ' if world.enabled else ''}"
-        f"LSTM backend {backend}, {'CUDA graphs' if graphs else 'eager steps'}, run folder {run_dir}"
-    )
-    if graphs is None:
-        stepper = GraphedStep(net, optimizer, local_batch, cfg.seq_len, cfg.clip, amp_dtype, None, scaler)
-    else:
-        first_window = next(iter(tbptt_windows(train_data, cfg.seq_len, start=step)))
-        stepper, optimizer = _captured_step(net, model, optimizer, cfg, device, local_batch, amp_dtype, graphs,
-                                            first_window, state if step > 0 else None, say)
-        if stepper.graph is None:
-            graphs = None
-    # Validation and test batches have the same shape: one forward, captured once, serves them all.
-    eval_forward = None
-    if graphs is not None:
-        try:
-            eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype, graphs)
-        except RuntimeError as err:
-            say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
-    if eval_forward is None:
-        eval_forward = GraphedForward(model, valid_data.shape[0], cfg.seq_len, amp_dtype)
-    validations = 0
+    def save(self, checkpoint: dict, name: str) -> None:
+        started = self.clock()
+        if self.world.is_main:
+            save_checkpoint(checkpoint, self.run_dir / name)
+        self.saving_seconds += self.clock() - started
 
-    def validate(data: torch.Tensor) -> float:
-        nonlocal validations
-        validations += 1
-        return evaluate(model, data, cfg.seq_len, amp_dtype=amp_dtype, forward=eval_forward)
+    def state_dict(self, carried: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+        """The checkpoint at the current position: everything `load_state_dict` needs to resume
+        exactly, `carried` being the (h, c) a mid-epoch position continues from."""
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": asdict(self.cfg),
+            "vocab": list(self.corpus.dictionary.idx2word),
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
+            "rng": rng_state(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),  # float16's loss scale
+            "best_valid_loss": self.best_valid,
+        }
 
-    result = TrainResult(run_dir, global_step, [], None, None, None)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    start_time, start_step = time.perf_counter(), global_step
-
-    # -- the loop --------------------------------------------------------------------------------
-    with StopFlag() as stop:
-        while epoch < cfg.epochs:
-            stepper.reset_state(state if step > 0 else None)  # zeros at an epoch start, else the resumed state
-            steps_since_log, last_log_time = 0, time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", unit="step",
-                       disable=None if world.is_main else True)
-            for inputs, targets in tbptt_windows(train_data, cfg.seq_len, start=step):
-                if cfg.max_steps is not None and global_step >= cfg.max_steps or stop.agreed:
-                    break
-                p_true = teacher_forcing_probability(cfg.teacher_forcing, cfg.teacher_forcing_schedule,
-                                                     global_step / planned_steps)
-                if p_true >= 1.0:
-                    stepper.step(inputs, targets)
-                else:  # step by step, eagerly, in fp32
-                    stepper.record(*free_running_step(model, optimizer, inputs, targets, stepper.state, cfg.clip,
-                                                      p_true, cfg.free_running_token))
-                step, global_step = step + 1, global_step + 1
-                steps_since_log += 1
-                bar.update()
-
-                if step % cfg.log_interval == 0 or step == steps_per_epoch:
-                    distributed.sum_(stepper.loss_sum)  # each rank's mean over its rows: average them
-                    mean_loss = stepper.take_loss_sum() / steps_since_log / world.size  # the only sync in the loop
-                    stop.agree(world)
-                    if not math.isfinite(mean_loss):
-                        raise DivergedError(
-                            f"the training loss became {mean_loss} at step {global_step}; stopped without "
-                            f"saving, so {run_dir / CHECKPOINT} keeps the last good state (try a lower --lr)"
-                        )
-                    now = time.perf_counter()
-                    tokens_per_s = steps_since_log * tokens_per_step / (now - last_log_time)
-                    say(
-                        f"Epoch [{epoch + 1}/{cfg.epochs}], Step[{step}/{steps_per_epoch}], "
-                        f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}"
-                    )
-                    bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
-                    record(split="train", epoch=epoch + 1, step=step, global_step=global_step, loss=mean_loss,
-                           ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s, time=training_seconds(),
-                           teacher_forcing=p_true)
-                    result.train_losses.append(mean_loss)
-                    steps_since_log, last_log_time = 0, now
-                if cfg.eval_interval and global_step % cfg.eval_interval == 0:
-                    interim_loss = validate(interim_valid)
-                    record(split="valid", epoch=epoch + 1, step=step, global_step=global_step, loss=interim_loss,
-                           ppl=perplexity(interim_loss), tokens=interim_valid.numel(),
-                           time=training_seconds())
-            bar.close()
-
-            if step < steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
-                save(checkpoint(epoch, step, stepper.state), run_dir / CHECKPOINT)
-                result.interrupted = stop.requested
-                break
-
-            valid_loss = validate(valid_data)
-            if not math.isfinite(valid_loss):
-                raise DivergedError(f"the validation loss is {valid_loss} after epoch {epoch + 1}; not saved")
-            epoch, step = epoch + 1, 0
-            result.valid_ppl = perplexity(valid_loss)
-            say(f"Epoch [{epoch}/{cfg.epochs}] validation perplexity: {result.valid_ppl:.2f}")
-            record(split="valid", epoch=epoch, global_step=global_step, loss=valid_loss, ppl=result.valid_ppl,
-                   time=training_seconds())
-            if valid_loss < best_valid:
-                best_valid = valid_loss
-                save(checkpoint(epoch, 0, None), run_dir / BEST)
-            save(checkpoint(epoch, 0, None), run_dir / CHECKPOINT)
-
-    result.global_step, result.train_seconds = global_step, training_seconds()
-    say(f"Training time: {result.train_seconds:.1f} s for {global_step - start_step} steps and {validations} "
-        f"validation passes ({saving_seconds:.1f} s of checkpoint writes not counted)")
-    if epoch >= cfg.epochs and not result.interrupted:
-        result.test_ppl = perplexity(validate(test_data))
-        say(f"Test perplexity (last weights, {run_dir / CHECKPOINT}): {result.test_ppl:.2f}")
-        record(split="test", weights="last", global_step=global_step, ppl=result.test_ppl)
-        distributed.barrier()  # best.pt is written by rank 0 and read by all
-        if (run_dir / BEST).is_file():
-            model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
-            result.best_test_ppl = perplexity(validate(test_data))
-            say(f"Test perplexity (best validation, {run_dir / BEST}): {result.best_test_ppl:.2f}")
-            record(split="test", weights="best", global_step=global_step, ppl=result.best_test_ppl)
-    return result
+    def load_state_dict(self, ckpt: dict) -> None:
+        """The run's position from a checkpoint (the model and optimizer are loaded where they are built)."""
+        if self.scaler is not None and ckpt.get("scaler"):  # absent in checkpoints of runs without float16
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
+        self.best_valid = ckpt["best_valid_loss"]
+        if ckpt["state"] is not None:  # all rows of the global batch: take this rank's
+            self.carried = tuple(s[:, self.rows].to(self.device) for s in ckpt["state"])
+        set_rng_state(ckpt["rng"])

@@ -60,6 +60,8 @@ def _tanh(x):
 
 
 # -- forward -------------------------------------------------------------------------------------
+# Names: `p_*` are pointers (built once per block), `b_*` are blocks loaded or computed in registers.
+# Row offsets are int64: rows · stride reaches B·4H, which overflows int32 at large batches.
 
 
 @triton.jit
@@ -77,54 +79,57 @@ def _lstm_fwd_step(
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     unit_ok = units < H
+    ok = row_ok[:, None] & unit_ok[None, :]
 
     # G_t[:, gate·H + units] = h_{t−1} W_hh[gate·H + units, :]ᵀ for the four gates at once.
-    acc_i = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    b_acc_i = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    b_acc_f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    b_acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    b_acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     gate_stride = H * H  # rows gate·H … gate·H + H − 1 of W_hh
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        h = tl.load(h_prev_ptr + rows[:, None] * stride_h_prev + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # W_hh rows of our units, seen transposed as a (BLOCK_K, BLOCK_N) tile.
-        w_tile = w_hh_ptr + units[None, :] * H + ks[:, None]
+        p_h = h_prev_ptr + rows[:, None] * stride_h_prev + ks[None, :]
+        p_w = w_hh_ptr + units[None, :] * H + ks[:, None]  # our units' W_hh rows, as a (BLOCK_K, BLOCK_N) tile
         w_ok = k_ok[:, None] & unit_ok[None, :]
-        w_i = tl.load(w_tile, mask=w_ok, other=0.0)
-        w_f = tl.load(w_tile + gate_stride, mask=w_ok, other=0.0)
-        w_g = tl.load(w_tile + 2 * gate_stride, mask=w_ok, other=0.0)
-        w_o = tl.load(w_tile + 3 * gate_stride, mask=w_ok, other=0.0)
+        b_h = tl.load(p_h, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_w_i = tl.load(p_w, mask=w_ok, other=0.0)
+        b_w_f = tl.load(p_w + gate_stride, mask=w_ok, other=0.0)
+        b_w_g = tl.load(p_w + 2 * gate_stride, mask=w_ok, other=0.0)
+        b_w_o = tl.load(p_w + 3 * gate_stride, mask=w_ok, other=0.0)
         if DOT_FP32:
-            h = h.to(tl.float32)
-            w_i, w_f, w_g, w_o = w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
-        acc_i = tl.dot(h, w_i, acc_i, input_precision=INPUT_PRECISION)
-        acc_f = tl.dot(h, w_f, acc_f, input_precision=INPUT_PRECISION)
-        acc_g = tl.dot(h, w_g, acc_g, input_precision=INPUT_PRECISION)
-        acc_o = tl.dot(h, w_o, acc_o, input_precision=INPUT_PRECISION)
+            b_h = b_h.to(tl.float32)
+            b_w_i, b_w_f = b_w_i.to(tl.float32), b_w_f.to(tl.float32)
+            b_w_g, b_w_o = b_w_g.to(tl.float32), b_w_o.to(tl.float32)
+        b_acc_i = tl.dot(b_h, b_w_i, b_acc_i, input_precision=INPUT_PRECISION)
+        b_acc_f = tl.dot(b_h, b_w_f, b_acc_f, input_precision=INPUT_PRECISION)
+        b_acc_g = tl.dot(b_h, b_w_g, b_acc_g, input_precision=INPUT_PRECISION)
+        b_acc_o = tl.dot(b_h, b_w_o, b_acc_o, input_precision=INPUT_PRECISION)
 
-    ok = row_ok[:, None] & unit_ok[None, :]
-    xp = xp_ptr + rows[:, None] * stride_xp + units[None, :]
-    i = _sigmoid(acc_i + tl.load(xp, mask=ok, other=0.0).to(tl.float32))
-    f = _sigmoid(acc_f + tl.load(xp + H, mask=ok, other=0.0).to(tl.float32))
-    g = _tanh(acc_g + tl.load(xp + 2 * H, mask=ok, other=0.0).to(tl.float32))
-    o = _sigmoid(acc_o + tl.load(xp + 3 * H, mask=ok, other=0.0).to(tl.float32))
-    c_prev = tl.load(c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :], mask=ok, other=0.0)
-    c = f * c_prev + i * g
-    h = o * _tanh(c)
+    p_xp = xp_ptr + rows[:, None] * stride_xp + units[None, :]
+    p_c_prev = c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :]
+    p_h = h_ptr + rows[:, None] * stride_h + units[None, :]
+    p_c = c_ptr + rows[:, None] * stride_c + units[None, :]
+    p_act = act_ptr + rows[:, None] * stride_act + units[None, :]
 
-    tl.store(h_ptr + rows[:, None] * stride_h + units[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
-    tl.store(c_ptr + rows[:, None] * stride_c + units[None, :], c, mask=ok)
-    act = act_ptr + rows[:, None] * stride_act + units[None, :]
-    tl.store(act, i, mask=ok)
-    tl.store(act + H, f, mask=ok)
-    tl.store(act + 2 * H, g, mask=ok)
-    tl.store(act + 3 * H, o, mask=ok)
+    b_i = _sigmoid(b_acc_i + tl.load(p_xp, mask=ok, other=0.0).to(tl.float32))
+    b_f = _sigmoid(b_acc_f + tl.load(p_xp + H, mask=ok, other=0.0).to(tl.float32))
+    b_g = _tanh(b_acc_g + tl.load(p_xp + 2 * H, mask=ok, other=0.0).to(tl.float32))
+    b_o = _sigmoid(b_acc_o + tl.load(p_xp + 3 * H, mask=ok, other=0.0).to(tl.float32))
+    b_c = b_f * tl.load(p_c_prev, mask=ok, other=0.0) + b_i * b_g
+    b_h = b_o * _tanh(b_c)
+
+    tl.store(p_h, b_h.to(h_ptr.dtype.element_ty), mask=ok)
+    tl.store(p_c, b_c, mask=ok)
+    tl.store(p_act, b_i, mask=ok)
+    tl.store(p_act + H, b_f, mask=ok)
+    tl.store(p_act + 2 * H, b_g, mask=ok)
+    tl.store(p_act + 3 * H, b_o, mask=ok)
 
 
 # -- backward ------------------------------------------------------------------------------------
@@ -147,56 +152,61 @@ def _lstm_bwd_step(
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     unit_ok = units < H
     ok = row_ok[:, None] & unit_ok[None, :]
 
     # dh_t = ∂L/∂out_t + Σ_k dG_{t+1}[:, k] · W_hh[k, units]   (k over all 4H gate rows)
-    dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    b_dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if HAS_NEXT:
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < 4 * H
-            dg_next = tl.load(dg_next_ptr + rows[:, None] * stride_dg_next + ks[None, :],
-                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+            p_dg_next = dg_next_ptr + rows[:, None] * stride_dg_next + ks[None, :]
+            p_w = w_hh_ptr + ks[:, None] * H + units[None, :]
+            b_dg_next = tl.load(p_dg_next, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
             if DOT_FP32:
-                dg_next, w = dg_next.to(tl.float32), w.to(tl.float32)
-            dh = tl.dot(dg_next, w, dh, input_precision=INPUT_PRECISION)
-    dh += tl.load(dout_ptr + rows[:, None] * stride_dout + units[None, :], mask=ok, other=0.0).to(tl.float32)
+                b_dg_next, b_w = b_dg_next.to(tl.float32), b_w.to(tl.float32)
+            b_dh = tl.dot(b_dg_next, b_w, b_dh, input_precision=INPUT_PRECISION)
 
-    act = act_ptr + rows[:, None] * stride_act + units[None, :]
-    i = tl.load(act, mask=ok, other=0.0)
-    f = tl.load(act + H, mask=ok, other=0.0)
-    g = tl.load(act + 2 * H, mask=ok, other=0.0)
-    o = tl.load(act + 3 * H, mask=ok, other=0.0)
-    c = tl.load(c_ptr + rows[:, None] * stride_c + units[None, :], mask=ok, other=0.0)
-    c_prev = tl.load(c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :], mask=ok, other=0.0)
-    dc = tl.load(dc_ptr + rows[:, None] * stride_dc + units[None, :], mask=ok, other=0.0)
+    p_dout = dout_ptr + rows[:, None] * stride_dout + units[None, :]
+    p_act = act_ptr + rows[:, None] * stride_act + units[None, :]
+    p_c = c_ptr + rows[:, None] * stride_c + units[None, :]
+    p_c_prev = c_prev_ptr + rows[:, None] * stride_c_prev + units[None, :]
+    p_dc = dc_ptr + rows[:, None] * stride_dc + units[None, :]
+    p_dg = dg_ptr + rows[:, None] * stride_dg + units[None, :]
 
-    tanh_c = _tanh(c)
+    b_dh += tl.load(p_dout, mask=ok, other=0.0).to(tl.float32)
+    b_i = tl.load(p_act, mask=ok, other=0.0)
+    b_f = tl.load(p_act + H, mask=ok, other=0.0)
+    b_g = tl.load(p_act + 2 * H, mask=ok, other=0.0)
+    b_o = tl.load(p_act + 3 * H, mask=ok, other=0.0)
+    b_c_prev = tl.load(p_c_prev, mask=ok, other=0.0)
+    b_dc = tl.load(p_dc, mask=ok, other=0.0)
+
+    b_tanh_c = _tanh(tl.load(p_c, mask=ok, other=0.0))
     # h_t = o ⊙ tanh(c_t):   ∂L/∂G_o = dh ⊙ tanh(c_t) ⊙ o(1 − o)
-    dg_o = dh * tanh_c * o * (1.0 - o)
+    b_dg_o = b_dh * b_tanh_c * b_o * (1.0 - b_o)
     # ∂L/∂c_t = (carried from c_{t+1}) + dh ⊙ o ⊙ (1 − tanh²(c_t))
-    dc += dh * o * (1.0 - tanh_c * tanh_c)
+    b_dc += b_dh * b_o * (1.0 - b_tanh_c * b_tanh_c)
     # c_t = f ⊙ c_{t−1} + i ⊙ g:   ∂L/∂G_i = dc ⊙ g ⊙ i(1 − i)
-    dg_i = dc * g * i * (1.0 - i)
+    b_dg_i = b_dc * b_g * b_i * (1.0 - b_i)
     # ∂L/∂G_f = dc ⊙ c_{t−1} ⊙ f(1 − f)
-    dg_f = dc * c_prev * f * (1.0 - f)
+    b_dg_f = b_dc * b_c_prev * b_f * (1.0 - b_f)
     # ∂L/∂G_g = dc ⊙ i ⊙ (1 − g²)
-    dg_g = dc * i * (1.0 - g * g)
+    b_dg_g = b_dc * b_i * (1.0 - b_g * b_g)
     # ∂L/∂c_{t−1} = dc ⊙ f   (each (row, unit) is read and written by this program only: in place is safe)
-    dc_prev = dc * f
+    b_dc_prev = b_dc * b_f
 
-    dg = dg_ptr + rows[:, None] * stride_dg + units[None, :]
     out_ty = dg_ptr.dtype.element_ty
-    tl.store(dg, dg_i.to(out_ty), mask=ok)
-    tl.store(dg + H, dg_f.to(out_ty), mask=ok)
-    tl.store(dg + 2 * H, dg_g.to(out_ty), mask=ok)
-    tl.store(dg + 3 * H, dg_o.to(out_ty), mask=ok)
-    tl.store(dc_ptr + rows[:, None] * stride_dc + units[None, :], dc_prev, mask=ok)
+    tl.store(p_dg, b_dg_i.to(out_ty), mask=ok)
+    tl.store(p_dg + H, b_dg_f.to(out_ty), mask=ok)
+    tl.store(p_dg + 2 * H, b_dg_g.to(out_ty), mask=ok)
+    tl.store(p_dg + 3 * H, b_dg_o.to(out_ty), mask=ok)
+    tl.store(p_dc, b_dc_prev, mask=ok)
 
 
 # -- host launchers ------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkey
     # Every epoch writes two checkpoints; on the trainer's clock each write takes an hour.
     hour, real_save, writes = 3600.0, trainer.save_checkpoint, []
     clock = types.SimpleNamespace(offset=0.0)
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock.offset))
 
     def slow_save(obj, path):
         clock.offset += hour
@@ -70,7 +69,7 @@ def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkey
         real_save(obj, path)
 
     monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
-    result = train(tiny(corpus_dir, tmp_path / "run", epochs=2))
+    result = train(tiny(corpus_dir, tmp_path / "run", epochs=2), clock=lambda: time.perf_counter() + clock.offset)
     assert len(writes) == 4
     assert 0 < result.train_seconds < hour
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
