@@ -304,12 +304,17 @@ def test_the_trainer_falls_back_to_eager_steps_from_the_same_weights(corpus_dir,
     eager = train(_tiny(corpus_dir, tmp_path / "eager", max_steps=40))
     api = graph_api(monkeypatch)
     monkeypatch.setattr(trainer, "graph_api", lambda device: api)
+    # As on a GPU, --backend auto picks another LSTM for graphed steps than for eager ones.
+    monkeypatch.setattr(trainer, "resolve_backend", lambda backend, device, amp, graphed: "reference" if graphed
+                        else "torch")
     made = []
     monkeypatch.setattr(trainer, "make_optimizer", lambda *a, **k: made.append(k["capturable"]) or make_optimizer(*a, **k))
     capsys.readouterr()
     fallback = train(_tiny(corpus_dir, tmp_path / "fallback", max_steps=40))
     out = capsys.readouterr().out
     assert message in out and len([line for line in out.splitlines() if "CUDA graphs off" in line]) == 1
+    assert "LSTM backend reference, CUDA graphs" in out, "the run started graphed with auto's graphed pick"
+    assert "from the same weights, LSTM backend torch" in out, "the fallback says the backend changed"
     assert fallback.train_losses == eager.train_losses
     assert made == [True, False], "the eager fallback gets a new, non-capturable optimizer"
     ckpt = load_checkpoint(tmp_path / "fallback")
