@@ -19,16 +19,28 @@ class CheckpointError(Exception):
     """A checkpoint path that cannot be used; the message says why."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when its message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint,
+    and a failed write (disk full) leaves the file that was there as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as either
+        tmp.unlink(missing_ok=True)
+        kept = f"the {path.name} already there is intact" if path.exists() else "nothing was saved there"
+        raise CheckpointError(f"cannot write {path} ({first_line(err)}): {kept}; free some space, "
+                              "then --resume the run") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -42,12 +54,39 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+FORMAT = 1  # the layout of the dict below; a newer fastlm that changes it bumps this
+FOR_INFERENCE = ("model", "config", "vocab")
+FOR_RESUME = FOR_INFERENCE + ("optimizer", "epoch", "step", "global_step", "state", "rng", "best_valid_loss")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    needs: tuple[str, ...] = FOR_INFERENCE) -> dict[str, Any]:
+    """A fastlm checkpoint with at least the entries `needs`, read without running code from the
+    file; anything else is a CheckpointError saying what is wrong with it."""
     path = checkpoint_path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (a write that never finished?): use another checkpoint, "
+                              "such as best.pt beside it")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        if "weights only load failed" in str(err).lower():
+            raise CheckpointError(f"{path} holds Python objects besides tensors and numbers, which could run code "
+                                  "when loaded: fastlm opens only checkpoints it wrote") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a fastlm checkpoint (no model/config entries)")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format')}, this fastlm reads format "
+                              f"{FORMAT}: open it with the fastlm version that wrote it")
+    missing = [key for key in needs if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a complete fastlm checkpoint")
     return ckpt
+
+
+def check_finite_weights(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    for name, tensor in ckpt["model"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path} holds non-finite weights ({name}): that run diverged; use an earlier "
+                                  "checkpoint, such as best.pt beside it")

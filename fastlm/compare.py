@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from fastlm.cli import run_main
+from fastlm.cli import ArgumentParser, run_main
 from fastlm.comparison import compare_detach, compare_teacher_forcing
 from fastlm.config import TrainConfig, add_flag, check_config
 from fastlm.scheduled_sampling import SCHEDULES
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in MODEL_FLAGS:
         add_flag(common, name, default=getattr(defaults, name))
     common.add_argument("--out", help="report folder (default: runs/compare-<experiment>-<timestamp>)")
-    p = argparse.ArgumentParser(prog="python -m fastlm.compare", description=__doc__,
+    p = ArgumentParser(prog="python -m fastlm.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     experiments = p.add_subparsers(dest="experiment", required=True)
     tf = experiments.add_parser("teacher-forcing", parents=[common], help="teacher forcing vs free running")
@@ -47,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/compare-{args.experiment}-{stamp}")
     if args.experiment == "teacher-forcing":
         check_config(replace(base, teacher_forcing=args.free_running, teacher_forcing_schedule=args.schedule))
-        pairs = [tuple(pair.split("/", 1)) for pair in (args.pair or ["army/taxpayer"])]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError("--pair takes two words joined by a slash, e.g. army/taxpayer")
+        pairs = [tuple(pair.split("/")) for pair in (args.pair or ["army/taxpayer"])]
+        bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
+        if bad is not None:
+            p.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+        if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
+            p.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
         report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule, args.target_ppl,
                                          pairs, eval_tokens=args.eval_tokens)
         print(report["conclusion"])

@@ -6,6 +6,7 @@ a run can be resumed (and its shape-changing fields refused) from the checkpoint
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -119,9 +120,45 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise TrainingError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"fastlm runs on cpu or cuda, not {device.type}: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient and Adam's two moments
+
+
+def parameter_count(cfg: TrainConfig, vocab_size: int) -> int:
+    lstm = sum(4 * cfg.hidden_size * ((cfg.embed_size if layer == 0 else cfg.hidden_size) + cfg.hidden_size + 2)
+               for layer in range(cfg.num_layers))
+    return vocab_size * cfg.embed_size + lstm + vocab_size * (cfg.hidden_size + 1)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for tensors on `device` now (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields_ = dict(line.split(":", 1) for line in meminfo)
+        return int(fields_["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(cfg: TrainConfig, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and Adam state alone exceed the free memory, before
+    allocating anything (else the allocation fails with a traceback, or swaps for minutes)."""
+    needed, free = parameter_count(cfg, vocab_size) * BYTES_PER_PARAMETER, available_bytes(device)
+    if free is not None and needed > free:
+        raise TrainingError(f"the model needs {needed / 2**30:.1f} GiB for its {parameter_count(cfg, vocab_size):,} "
+                            f"parameters with their gradients and Adam's state, and {device} has "
+                            f"{free / 2**30:.1f} GiB free: use a smaller --hidden-size, --embed-size or --num-layers")
 
 
 def use_device(device: torch.device) -> None:
@@ -139,8 +176,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if cfg.epochs < 0 or (cfg.max_steps is not None and cfg.max_steps < 0):
         raise TrainingError("--epochs and --max-steps cannot be negative")
-    if not (cfg.lr > 0 and cfg.clip > 0):
-        raise TrainingError(f"--lr and --clip must be positive, got lr={cfg.lr}, clip={cfg.clip}")
+    if not (0 < cfg.lr < math.inf and 0 < cfg.clip < math.inf):
+        raise TrainingError(f"--lr and --clip must be positive and finite, got lr={cfg.lr}, clip={cfg.clip}")
+    if not 0 <= cfg.seed < 2**63:
+        raise TrainingError(f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     if not 0 <= cfg.teacher_forcing <= 1:
         raise TrainingError(f"--teacher-forcing is a probability in [0, 1], got {cfg.teacher_forcing}")
     if cfg.teacher_forcing_schedule not in SCHEDULES:

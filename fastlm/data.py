@@ -59,7 +59,14 @@ def read_words(path: Path) -> list[str]:
     """All words of a file, with `<eos>` after every line, exactly as `line.split() + ['<eos>']`."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first word
+    except OSError as err:
+        raise DataError(f"cannot read data file {path} ({err.strerror or err}): check its permissions") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"data file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}): "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
     if not text.strip():
         raise DataError(f"data file {path} is empty: it needs at least one line of words")
     if not text.endswith("\n"):
@@ -101,7 +108,7 @@ class Corpus:
         return torch.from_numpy(ids)
 
 
-def batchify(ids: Tensor, batch_size: int) -> Tensor:
+def batchify(ids: Tensor, batch_size: int, split: str = "train", flag: str = "--batch-size") -> Tensor:
     """Cut a token stream into `batch_size` contiguous rows: shape (batch_size, len(ids) // batch_size).
 
     The stream t0 t1 … t23 with batch_size 4 (a tail that fills no column is dropped):
@@ -115,8 +122,18 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
         raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
     columns = ids.numel() // batch_size
     if columns == 0:
-        raise DataError(f"{ids.numel()} tokens cannot fill {batch_size} rows: use a smaller --batch-size")
+        raise DataError(f"{split}.txt's {ids.numel()} tokens cannot fill {batch_size} rows: use a smaller {flag}")
     return ids[: columns * batch_size].view(batch_size, columns)
+
+
+def batchify_for_eval(ids: Tensor, batch_size: int, split: str, flag: str = "--eval-batch-size") -> Tensor:
+    """`batchify` for scoring: every row must hold at least two tokens (one to read, one to predict),
+    or the split would score nothing and report a perplexity of 1."""
+    data = batchify(ids, batch_size, split, flag)
+    if data.shape[1] < 2:
+        raise DataError(f"{split}.txt's {ids.numel()} tokens leave nothing to score in {batch_size} rows "
+                        f"(each needs at least 2): use a smaller {flag}")
+    return data
 
 
 def num_windows(data: Tensor, seq_len: int) -> int:

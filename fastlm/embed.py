@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastlm.cli import run_main
+from fastlm.cli import ArgumentParser, run_main
 from fastlm.embedding import MATRICES, analogy, cosine_distance, neighbors, word_id, word_vectors
 from fastlm.model import load_model
 
@@ -19,18 +19,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folder or .pt file; repeat to compare checkpoints")
     common.add_argument("--matrix", choices=MATRICES, default="input",
                         help="input embedding or output-layer rows (default: input)")
-    p = argparse.ArgumentParser(prog="python -m fastlm.embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m fastlm.embed", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     distance = commands.add_parser("distance", parents=[common], help="cosine distance of two words")
     distance.add_argument("words", nargs=2, metavar="WORD")
     near = commands.add_parser("neighbors", parents=[common], help="nearest words by cosine similarity")
     near.add_argument("word")
-    near.add_argument("-k", type=int, default=10)
+    near.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")
     analog = commands.add_parser("analogy", parents=[common], help="B − A + C: A is to B as C is to ?")
-    analog.add_argument("words", nargs=3, metavar=("A", "B", "C"))
-    analog.add_argument("-k", type=int, default=5)
+    for word in ("A", "B", "C"):  # one positional each: a tuple metavar breaks --help on Python 3.11
+        analog.add_argument(word.lower(), metavar=word)
+    analog.add_argument("-k", type=int, default=5, help="how many answers (default: 5)")
     args = p.parse_args(argv)
+    if args.command == "analogy":
+        args.words = [args.a, args.b, args.c]
 
     if args.command == "distance":
         print(f"{'checkpoint':40} cosine distance ({args.matrix}) {args.words[0]} / {args.words[1]}")

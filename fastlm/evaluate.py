@@ -1,21 +1,20 @@
 """python -m fastlm.evaluate: perplexity of a checkpoint over a whole split."""
 from __future__ import annotations
 
-import argparse
 
-from fastlm.cli import run_main
+from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import pick_device
-from fastlm.data import Corpus, batchify
+from fastlm.data import Corpus, batchify_for_eval
 from fastlm.model import load_model
 from fastlm.trainer import evaluate, perplexity
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlm.evaluate", description=__doc__)
+    p = ArgumentParser(prog="python -m fastlm.evaluate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder or a .pt file in it (checkpoint.pt, best.pt)")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="(default: test)")
     p.add_argument("--data", help="data folder (default: the one the run trained on)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-size", type=int, help="rows (default: the run's eval batch size)")
     p.add_argument("--backend", help="LSTM backend (default: the run's)")
     args = p.parse_args(argv)
@@ -24,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     model, dictionary, ckpt = load_model(args.checkpoint, device, args.backend)
     cfg = ckpt["config"]
     corpus = Corpus(args.data or cfg["data"], dictionary)
-    data = batchify(getattr(corpus, args.split), args.batch_size or cfg["eval_batch_size"]).to(device)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    batch_size = args.batch_size or cfg["eval_batch_size"]
+    data = batchify_for_eval(getattr(corpus, args.split), batch_size, args.split, "--batch-size").to(device)
     loss = evaluate(model, data, cfg["seq_len"])
     print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {data.numel()} tokens, "
           f"after {ckpt['global_step']} training steps, {args.checkpoint})")

@@ -10,7 +10,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from fastlm.checkpoint import load_checkpoint
+from fastlm.checkpoint import CheckpointError, check_finite_weights, first_line, load_checkpoint
 from fastlm.data import Dictionary
 from fastlm.lstm import LSTM
 
@@ -58,10 +58,21 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
                ) -> tuple[RNNLM, Dictionary, dict]:
     """The model and vocabulary of a checkpoint (a run folder or a .pt file), ready for inference."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
+    check_finite_weights(ckpt, checkpoint)
     cfg = ckpt["config"]
     dictionary = Dictionary(ckpt["vocab"])
     model = RNNLM(len(dictionary), cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
                   backend=backend or cfg["backend"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], checkpoint)
     model.eval()
     return model, dictionary, ckpt
+
+
+def load_weights(model: RNNLM, weights: dict, source: str | os.PathLike) -> None:
+    """`model.load_state_dict`, with weights that do not fit (a hand-edited or foreign checkpoint)
+    reported as a CheckpointError naming the first misfit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))
+        raise CheckpointError(f"{source}: its weights do not fit the model its config describes ({detail})") from None

@@ -1,19 +1,49 @@
 """python -m fastlm.sample: generate text from a checkpoint."""
 from __future__ import annotations
 
-import argparse
+import os
 import random
+import tempfile
 from pathlib import Path
 
-from fastlm.cli import run_main
-from fastlm.config import pick_device
+from fastlm.cli import ArgumentParser, UsageError, run_main
+from fastlm.config import available_bytes, pick_device
 from fastlm.data import EOS
 from fastlm.model import load_model
 from fastlm.sampling import STRATEGIES, encode_prompt, generate, to_text
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse, before any work, an --out that is a folder, a checkpoint or in a place that cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder: name a file, e.g. {path / 'sample.txt'}")
+    if path.suffix in (".pt", ".pth") or path.is_file() and path.open("rb").read(4) == b"PK\x03\x04":
+        raise UsageError(f"--out {path} is a checkpoint (or named like one): samples never overwrite one, "
+                         "name a .txt file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write --out {path} ({err.strerror or err}): pick another file") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_batch_fits(num_samples: int, model, device) -> None:
+    """Refuse a --num-samples whose batch (a row of logits and a state per sample) exceeds free memory."""
+    per_sample = 4 * 3 * (model.linear.out_features + 4 * model.lstm.hidden_size * model.lstm.num_layers)
+    free = available_bytes(device)
+    if free is not None and num_samples * per_sample > free:
+        raise UsageError(f"--num-samples {num_samples} needs about {num_samples * per_sample / 2**30:.0f} GiB at once "
+                         f"and {device} has {free / 2**30:.1f} GiB free: ask for at most {free // per_sample:,}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlm.sample", description=__doc__)
+    p = ArgumentParser(prog="python -m fastlm.sample", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder or a .pt file in it")
     p.add_argument("--strategy", choices=STRATEGIES, default="multinomial",
                    help="multinomial samples from the softmax; greedy takes the arg-max")
@@ -29,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
-    model, dictionary, _ = load_model(args.checkpoint, pick_device(args.device))
+    out = Path(args.out)
+    check_output_file(out)
+    device = pick_device(args.device)
+    model, dictionary, _ = load_model(args.checkpoint, device)
+    check_batch_fits(args.num_samples, model, device)
     prompt = encode_prompt(args.prompt.split(), dictionary)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     samples = generate(model, args.num_words, num_samples=args.num_samples, prompt=prompt, strategy=args.strategy,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                        eos_id=dictionary.word2idx[EOS] if args.stop_at_eos else None)
     texts = [to_text(prompt + sample, dictionary).rstrip("\n") for sample in samples]
-    Path(args.out).write_text("\n\n".join(texts) + "\n")
+    write_atomically(out, "\n\n".join(texts) + "\n")
     for k, text in enumerate(texts, 1):
         print(f"--- sample {k} ---" if len(texts) > 1 else "---")
         print(text)

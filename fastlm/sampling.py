@@ -47,7 +47,11 @@ def next_words(logits: Tensor, strategy: str = "multinomial", temperature: float
     """One word per row of `logits` (N, V)."""
     if strategy == "greedy":
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    # Shifted so the largest logit is 0, in float64: any temperature > 0, however small, then gives
+    # 0 for the best word and finite or -inf for the rest, never inf/inf (and the same as before at 1).
+    logits = logits.double()
+    scaled = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()
+    probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

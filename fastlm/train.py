@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from fastlm.cli import EXIT_INTERRUPTED, run_main
+from fastlm.cli import ArgumentParser, EXIT_INTERRUPTED, run_main
 from fastlm.config import RESUMABLE_OVERRIDES, TrainConfig, add_flag
 from fastlm.trainer import train
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastlm.train", description=__doc__)
+    p = ArgumentParser(prog="python -m fastlm.train", description=__doc__)
     for spec in fields(TrainConfig):
         add_flag(p, spec.name)
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or checkpoint file); "

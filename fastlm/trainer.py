@@ -6,7 +6,6 @@ while the state keeps its memory. The loss is summed on the device and read only
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,15 +18,18 @@ from tqdm import tqdm
 
 from fastlm import distributed
 from fastlm.allocator import retain_freed_memory
-from fastlm.checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
-from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config, cpu_multiplies_bf16,
+from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, check_finite_weights, checkpoint_path, load_checkpoint,
+                               save_checkpoint)
+from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config, check_fits,
+                           cpu_multiplies_bf16,
                            pick_device, resume_config, use_device)
-from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
+from fastlm.data import (PTB_URL, Corpus, Dictionary, batchify, batchify_for_eval, ensure_ptb, eval_windows,
+                         num_windows, tbptt_windows)
 from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
 from fastlm.lstm import resolve_backend
-from fastlm.model import RNNLM
+from fastlm.model import RNNLM, load_weights
 from fastlm.optimizer import make_optimizer
-from fastlm.run import StopFlag, new_run_dir, rng_state, set_rng_state
+from fastlm.run import RunFolder, StopFlag, new_run_dir, rng_state, set_rng_state
 from fastlm.scheduled_sampling import free_running_step, teacher_forcing_probability
 
 
@@ -132,18 +134,44 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     Under torchrun the ranks train one model together (see fastlm/distributed.py). `clock` times
     training (tests pass a fake one).
     """
-    ckpt = None
+    ckpt, source = None, None
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        overrides = {"out": str(checkpoint_path(resume).parent), **(overrides or {})}
+        source = checkpoint_path(resume)
+        ckpt = load_checkpoint(source, needs=FOR_RESUME)
+        check_finite_weights(ckpt, source)
+        overrides = {"out": str(source.parent), **(overrides or {})}
         cfg = resume_config(ckpt["config"], overrides)
     check_config(cfg)
     device = pick_device(cfg.device)
     world = distributed.join(cuda=device.type == "cuda")
     try:
-        return Run(cfg, ckpt, device, world, clock).train()
+        if world.enabled and cfg.out is None:
+            raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
+        folder = RunFolder(Path(cfg.out) if cfg.out else new_run_dir())
+        in_place = source is not None and folder.path.resolve() == source.parent.resolve()
+        if in_place and source.name != CHECKPOINT:
+            _refuse_rolling_back(folder.path, source, ckpt)
+        if world.is_main:
+            folder.open(fresh=not in_place)
+        try:
+            if in_place and world.is_main:
+                folder.keep_records_up_to(ckpt["global_step"])  # a crash after them: the resumed run repeats them
+            return Run(cfg, ckpt, device, world, clock, folder, saved_step=ckpt["global_step"] if in_place else None
+                       ).train()
+        finally:
+            folder.close()
     finally:
         distributed.leave(world)
+
+
+def _refuse_rolling_back(run_dir: Path, source: Path, ckpt: dict) -> None:
+    """Resuming from best.pt (or another file) in its own folder would overwrite a later checkpoint.pt."""
+    latest = run_dir / CHECKPOINT
+    if latest.is_file():
+        step = load_checkpoint(latest)["global_step"]
+        if step != ckpt["global_step"]:
+            raise TrainingError(f"resuming from {source} (step {ckpt['global_step']}) in {run_dir} would overwrite "
+                                f"{latest} (step {step}): pass --out NEW_FOLDER to continue from {source.name} there")
 
 
 class Run:
@@ -151,17 +179,16 @@ class Run:
     loss), and the named steps of its loop. `state_dict()` is the checkpoint that resumes it exactly."""
 
     def __init__(self, cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], folder: RunFolder, saved_step: int | None = None):
         if world.enabled and device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
         use_device(device)
-        if world.enabled and cfg.out is None:
-            raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
         if world.enabled and cfg.teacher_forcing < 1:
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")
         self.cfg, self.device, self.world, self.clock = cfg, device, world, clock
-        self.run_dir = Path(cfg.out) if cfg.out else new_run_dir()
+        self.folder, self.run_dir = folder, folder.path
+        self.saved_step = saved_step  # the global step checkpoint.pt holds, None while there is none
         self.say = tqdm.write if world.is_main else (lambda *args: None)
         self.epoch, self.step, self.global_step, self.best_valid = 0, 0, 0, math.inf
         self.carried = None  # the resumed (h, c), this rank's rows
@@ -180,8 +207,8 @@ class Run:
         self.rows = world.rows(cfg.batch_size)
         eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
         self.train_data = batchify(self.corpus.train, cfg.batch_size)[self.rows].to(self.device)
-        self.valid_data = batchify(self.corpus.valid, cfg.eval_batch_size)[eval_rows].to(self.device)
-        self.test_data = batchify(self.corpus.test, cfg.eval_batch_size)[eval_rows].to(self.device)
+        self.valid_data = batchify_for_eval(self.corpus.valid, cfg.eval_batch_size, "valid")[eval_rows].to(self.device)
+        self.test_data = batchify_for_eval(self.corpus.test, cfg.eval_batch_size, "test")[eval_rows].to(self.device)
         tbptt_windows(self.train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
         self.steps_per_epoch = num_windows(self.train_data, cfg.seq_len)
         self.planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * self.steps_per_epoch)
@@ -194,6 +221,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.amp_dtype = amp_dtype_for(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        check_fits(cfg, len(self.corpus.dictionary), device)
         self.graphs = _graphs_for(cfg, device, self.world, self.scaler, self.say)
         backend = resolve_backend(cfg.backend, device, self.amp_dtype, graphed=self.graphs is not None)
         self.model = RNNLM(len(self.corpus.dictionary), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
@@ -204,13 +232,11 @@ class Run:
                 self.say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, "
                          "LSTM in fp32)")
         if ckpt:
-            self.model.load_state_dict(ckpt["model"])
+            load_weights(self.model, ckpt["model"], "the checkpoint")
         self.optimizer = make_optimizer(self.model, cfg.lr, capturable=self.graphs is not None,
                                         state=ckpt["optimizer"] if ckpt else None)
         if ckpt:
             self.load_state_dict(ckpt)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_steps(self) -> None:
         cfg, model = self.cfg, self.model
@@ -263,7 +289,8 @@ class Run:
                     if cfg.eval_interval and self.global_step % cfg.eval_interval == 0:
                         self.validate_interim()
                 self.bar.close()
-                if self.step < self.steps_per_epoch:  # stopped early: --max-steps or Ctrl-C
+                if self.step < self.steps_per_epoch:  # stopped early: --max-steps, Ctrl-C or SIGTERM
+                    self.refuse_to_save_divergence(self.stepper.loss_sum)
                     self.save(self.state_dict(self.stepper.state), CHECKPOINT)
                     self.result.interrupted = stop.requested
                     break
@@ -300,10 +327,8 @@ class Run:
         mean_loss = self.stepper.take_loss_sum() / self.steps_since_log / self.world.size  # the loop's one sync
         stop.agree(self.world)
         if not math.isfinite(mean_loss):
-            raise DivergedError(
-                f"the training loss became {mean_loss} at step {self.global_step}; stopped without saving, so "
-                f"{self.run_dir / CHECKPOINT} keeps the last good state (try a lower --lr)"
-            )
+            raise DivergedError(f"the training loss became {mean_loss} by step {self.global_step}; stopped without "
+                                f"saving: {self.kept()} (try a lower --lr)")
         now = self.clock()
         tokens_per_s = self.steps_since_log * self.cfg.batch_size * self.cfg.seq_len / (now - self.last_log_time)
         self.say(f"Epoch [{self.epoch + 1}/{self.cfg.epochs}], Step[{self.step}/{self.steps_per_epoch}], "
@@ -323,7 +348,9 @@ class Run:
     def end_epoch(self) -> None:
         valid_loss = self.validate(self.valid_data)
         if not math.isfinite(valid_loss):
-            raise DivergedError(f"the validation loss is {valid_loss} after epoch {self.epoch + 1}; not saved")
+            raise DivergedError(f"the validation loss is {valid_loss} after epoch {self.epoch + 1}; stopped without "
+                                f"saving: {self.kept()} (try a lower --lr)")
+        self.refuse_to_save_divergence()
         self.epoch, self.step = self.epoch + 1, 0
         self.result.valid_ppl = perplexity(valid_loss)
         self.say(f"Epoch [{self.epoch}/{self.cfg.epochs}] validation perplexity: {self.result.valid_ppl:.2f}")
@@ -357,16 +384,32 @@ class Run:
 
     def record(self, **fields_) -> None:
         """Append one record to metrics.jsonl (rank 0 only)."""
-        if not self.world.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            metrics.write(json.dumps(fields_) + "\n")
+        if self.world.is_main:
+            self.folder.append(fields_)
 
     def save(self, checkpoint: dict, name: str) -> None:
         started = self.clock()
         if self.world.is_main:
             save_checkpoint(checkpoint, self.run_dir / name)
+        if name == CHECKPOINT:
+            self.saved_step = self.global_step
         self.saving_seconds += self.clock() - started
+
+    def kept(self) -> str:
+        """What the run folder holds to go back to, said truthfully."""
+        if self.saved_step is None:
+            return f"no checkpoint was written to {self.run_dir}"
+        return f"{self.run_dir / CHECKPOINT} keeps step {self.saved_step}"
+
+    def refuse_to_save_divergence(self, unlogged_loss: torch.Tensor | None = None) -> None:
+        """Never write a non-finite model: the weights, and the loss summed since the last log point
+        (a divergence between log points), are checked before every save (one sync)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if unlogged_loss is not None:
+            finite = finite & torch.isfinite(unlogged_loss)
+        if not finite.item():
+            raise DivergedError(f"the training diverged by step {self.global_step} (non-finite loss or weights); "
+                                f"stopped without saving: {self.kept()} (try a lower --lr)")
 
     def state_dict(self, carried: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
         """The checkpoint at the current position: everything `load_state_dict` needs to resume

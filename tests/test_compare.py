@@ -53,3 +53,33 @@ def test_detach_report(corpus_dir, tmp_path, capsys):
     assert report["nodes_without"] > report["nodes_with_detach"]
     for png in ("detach_memory.png", "unrolled_graph.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pair", "w1/w2/w3"], "--pair w1/w2/w3: give two words joined by one slash"),
+    (["--pair", "w1/"], "--pair w1/: give two words joined by one slash"),
+    (["--pair", "w1/zebra"], "--pair: 'zebra' not in the vocabulary of"),
+    (["--target-ppl", "nan"], "--target-ppl must be a finite perplexity above 1, got nan"),
+    (["--target-ppl", "0.5"], "--target-ppl must be a finite perplexity above 1, got 0.5"),
+], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1"])
+def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
+                                                                message):
+    import fastlm.comparison
+
+    monkeypatch.setattr(fastlm.comparison, "train", lambda cfg: pytest.fail("trained before checking the flags"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(compare_main, ["teacher-forcing", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
+                                "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+
+
+def test_evaluate_refuses_a_batch_that_scores_nothing_or_is_not_positive(tiny_run, capsys):
+    from fastlm.evaluate import main as evaluate_main
+
+    for batch, message in (("0", "--batch-size must be a positive integer, got 0"),
+                           ("200", "tokens leave nothing to score in 200 rows (each needs at least 2): use a smaller "
+                                   "--batch-size")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(evaluate_main, ["--checkpoint", str(tiny_run), "--batch-size", batch, "--device", "cpu"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

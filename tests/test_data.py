@@ -158,3 +158,39 @@ def test_real_ptb_over_http_matches_the_published_sums(ptb_dir, tmp_path):
         (remote / f"ptb.{split}.txt").write_bytes((ptb_dir / f"{split}.txt").read_bytes())
     folder = ensure_ptb(tmp_path / "ptb", remote.as_uri() + "/")
     assert len(Corpus(folder).dictionary) == 10000
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+    folder = _write(tmp_path, "a b\n")
+    (folder / "train.txt").write_bytes("\ufeffa b\n".encode("utf-8"))
+    assert Corpus(folder).dictionary.idx2word[:2] == ["a", "b"]
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    folder = _write(tmp_path, "a b\n")
+    (folder / "valid.txt").write_bytes("a b\nb a\ncaf\xe9 a\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"valid.txt is not UTF-8 text \(byte 0xe9 on line 3\): convert it"):
+        Corpus(folder)
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    folder = _write(tmp_path, "a b\n")
+    real = type(folder).read_text
+
+    def denied(path, *args, **kwargs):
+        if path.name == "test.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(folder), "read_text", denied)
+    with pytest.raises(DataError, match=r"cannot read data file .*test.txt \(Permission denied\): check its permissions"):
+        Corpus(folder)
+
+
+def test_too_few_tokens_names_the_split_and_its_flag():
+    with pytest.raises(DataError, match=r"valid.txt's 3 tokens cannot fill 4 rows: use a smaller --eval-batch-size"):
+        data.batchify_for_eval(torch.arange(3), 4, "valid")
+    with pytest.raises(DataError, match=r"test.txt's 7 tokens leave nothing to score in 4 rows"):
+        data.batchify_for_eval(torch.arange(7), 4, "test")
+    with pytest.raises(DataError, match=r"train.txt's 3 tokens cannot fill 4 rows: use a smaller --batch-size"):
+        batchify(torch.arange(3), 4)

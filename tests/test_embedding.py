@@ -68,3 +68,13 @@ def test_command_line_compares_checkpoints(tiny_run, capsys):
         run_main(embed_main, ["analogy", "w1", "w2", "zebra", "--checkpoint", str(tiny_run)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: 'zebra' is not in the vocabulary") and err.count("\n") == 1
+
+
+def test_analogy_help_and_answers_from_the_command_line(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(embed_main, ["analogy", "--help"])
+    assert exit_info.value.code == 0 and "A B C" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(embed_main, ["analogy", "w1", "w2", "w3", "-k", "2", "--checkpoint", str(tiny_run)])
+    out = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 0 and out[0].endswith("w1 : w2 = w3 : ?") and len(out) == 3

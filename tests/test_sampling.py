@@ -142,3 +142,41 @@ def test_command_line(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(sample_main, ["--checkpoint", str(tiny_run), "--temperature", "0", "--device", "cpu"])
     assert exit_info.value.code == 2 and "temperature must be > 0" in capsys.readouterr().err
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan(loaded):
+    model, _, _ = loaded
+    greedy = generate(model, 15, prompt=[1, 2], strategy="greedy")
+    assert generate(model, 15, prompt=[1, 2], temperature=1e-300, seed=5) == greedy
+    logits = torch.tensor([[3.0, 1.0, 3.0, -2.0]])
+    assert set(next_words(logits.expand(400, 4), temperature=1e-300).tolist()) == {0, 2}, "ties share the draw"
+
+
+@pytest.mark.parametrize("out, message", [
+    (lambda run, tmp: run / "checkpoint.pt", "is a checkpoint (or named like one): samples never overwrite one"),
+    (lambda run, tmp: tmp / "copy.pt", "is a checkpoint (or named like one)"),
+    (lambda run, tmp: tmp, "is a folder: name a file"),
+    (lambda run, tmp: "/proc/fastlm/sample.txt", "cannot write --out /proc/fastlm/sample.txt"),
+], ids=["the-checkpoint-read", "a-pt-name", "a-folder", "unwritable"])
+def test_a_bad_out_is_refused_before_any_work(tiny_run, tmp_path, capsys, monkeypatch, out, message):
+    import fastlm.sample
+
+    out = out(tiny_run, tmp_path)
+    before = (tiny_run / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(fastlm.sample, "generate", lambda *a, **k: pytest.fail("generated before checking --out"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sample_main, ["--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+    assert (tiny_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_more_samples_than_memory_holds_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
+    import fastlm.sample
+
+    monkeypatch.setattr(fastlm.sample, "available_bytes", lambda device: 2**20)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sample_main, ["--checkpoint", str(tiny_run), "--num-samples", "1000000000", "--out",
+                               str(tmp_path / "s.txt"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--num-samples 1000000000 needs about" in err and "ask for at most" in err

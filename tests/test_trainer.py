@@ -182,7 +182,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tm
         return loss * math.nan if calls["n"] == 200 else loss  # in the second epoch
 
     monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
-    with pytest.raises(DivergedError, match="training loss became nan.*keeps the last good state"):
+    with pytest.raises(DivergedError, match=r"training loss became nan by step \d+; stopped without saving: "
+                                            r".*checkpoint.pt keeps step 132 \(try a lower --lr\)"):
         train(cfg)
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["epoch"] == 1 and ckpt["step"] == 0
@@ -202,6 +203,17 @@ def _cli(main, argv, capsys):
         pytest.param(["--batch-size", "0"], "--batch-size must be a positive integer, got 0", id="batch-size-0"),
         pytest.param(["--backend", "cudnn"], "unknown LSTM backend 'cudnn'", id="unknown-backend"),
         pytest.param(["--device", "tpu"], "unknown device 'tpu'", id="unknown-device"),
+        pytest.param(["--device", "meta"], "fastlm runs on cpu or cuda, not meta", id="device-meta"),
+        pytest.param(["--device", "xpu"], "fastlm runs on cpu or cuda, not xpu", id="device-xpu"),
+        pytest.param(["--seed", str(10**24)], "--seed must be between 0 and 2**63 - 1", id="seed-too-big"),
+        pytest.param(["--lr", "inf"], "--lr and --clip must be positive and finite", id="lr-inf"),
+        pytest.param(["--hidden-size", "300000"], "the model needs 5", id="model-too-big-for-memory"),
+        pytest.param(["--num-layers", "100000"], "use a smaller --hidden-size, --embed-size or --num-layers",
+                     id="too-many-layers"),
+        pytest.param(["--eval-batch-size", "400"], "valid.txt's 262 tokens cannot fill 400 rows: use a smaller "
+                     "--eval-batch-size", id="eval-batch-beyond-the-split"),
+        pytest.param(["--eval-batch-size", "200"], "valid.txt's 262 tokens leave nothing to score in 200 rows",
+                     id="eval-batch-leaves-nothing-to-score"),
     ],
 )
 def test_train_bad_input_is_one_line_and_exit_2(corpus_dir, tmp_path, capsys, extra, message):
@@ -241,7 +253,8 @@ def test_train_then_evaluate_from_the_command_line(corpus_dir, tmp_path, capsys)
     assert code == 2 and "no checkpoint at" in out.err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_the_run_resumes(corpus_dir, tmp_path, signum):
     run = tmp_path / "run"
     argv = ["--data", str(corpus_dir), "--out", str(run), "--embed-size", "16", "--hidden-size", "32",
             "--epochs", "1000", "--batch-size", "4", "--seq-len", "5", "--log-interval", "10", "--device", "cpu"]
@@ -251,7 +264,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus_dir, tmp_path):
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     ckpt = load_checkpoint(run)
