@@ -113,12 +113,12 @@ def compare_teacher_forcing(base: TrainConfig, steps: int, out_dir: Path, free_r
     """Train both models with the same seed and budget; write report.md, report.json and a PNG."""
     if steps < 1:
         raise TrainingError(f"--steps must be at least 1, got {steps}")
+    out_dir = _fresh_folder(out_dir)
     corpus = _corpus(base)
     unknown = [word for pair in pairs for word in pair if word not in corpus.dictionary]
     if unknown:
         raise TrainingError(f"--pair: {', '.join(repr(w) for w in unknown)} not in the vocabulary of {base.data}: "
                             "pick words of its train.txt")
-    out_dir = _fresh_folder(out_dir)
     steps_per_epoch = num_windows(batchify(corpus.train, base.batch_size), base.seq_len)
     prompts = _prompts(corpus, num_samples)
     runs = {}

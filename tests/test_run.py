@@ -3,10 +3,8 @@ saved, a full disk or a kill leaves whole files, and every record of metrics.jso
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -19,7 +17,7 @@ from fastlm.cli import run_main
 from fastlm.config import TrainConfig, TrainingError
 from fastlm.run import RunFolder
 from fastlm.train import main as train_main
-from fastlm.trainer import DivergedError, train
+from fastlm.trainer import train
 
 
 def tiny(corpus_dir, out, **changes) -> TrainConfig:
