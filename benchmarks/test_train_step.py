@@ -48,7 +48,7 @@ import torch
 from benchmarks.classic import CFG, VOCAB, classic_step, load_windows
 from benchmarks.conftest import matmul_gflops, matmul_rate
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
-from fastlm.config import TrainConfig, cpu_multiplies_bf16
+from fastlm.config import TrainConfig, TrainingError, check_cpu_can_multiply, cpu_multiplies_bf16
 from fastlm.graphs import CudaGraphs, GraphedStep
 from fastlm.model import RNNLM
 from fastlm.optimizer import make_optimizer
@@ -201,6 +201,11 @@ def test_fastlm_fp32(benchmark, record, windows, plain_step, plain_elsewhere):
 
 @pytest.mark.benchmark(group="train-step")
 def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
+    if DEVICE == "cpu":
+        try:
+            check_cpu_can_multiply(torch.bfloat16)
+        except TrainingError as err:
+            pytest.skip(str(err))
     capture = DEVICE == "cuda"
     backend = "triton" if capture else "torch"  # what --backend auto picks for this run
     fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture, backend), plain_step, plain_elsewhere)

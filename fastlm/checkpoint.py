@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from fastlm.errors import UsageError
+
 CHECKPOINT = "checkpoint.pt"  # the last state of a run, to resume from
 BEST = "best.pt"  # the weights with the lowest validation loss so far
 
 
-class CheckpointError(Exception):
+class CheckpointError(UsageError):
     """A checkpoint path that cannot be used; the message says why."""
 
 

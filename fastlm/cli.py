@@ -6,20 +6,15 @@ import signal
 import sys
 from typing import Callable
 
-from fastlm.checkpoint import CheckpointError
-from fastlm.config import TrainingError
-from fastlm.data import DataError
+from fastlm.errors import UsageError
 from fastlm.trainer import DivergedError
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad flag reported in one line (what is wrong, and where to look), exit 2."""
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
-
-
-class UsageError(Exception):
-    """A request an entry point cannot carry out; the message says what to change."""
 
 
 EXIT_FAILED = 1  # the job ran and failed (training diverged)
@@ -35,7 +30,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_FAILED
-    except (DataError, CheckpointError, TrainingError, UsageError, ValueError) as err:
+    except UsageError as err:  # DataError, CheckpointError, TrainingError among them; the rest are bugs
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:

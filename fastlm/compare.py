@@ -16,8 +16,8 @@ from fastlm.comparison import compare_detach, compare_teacher_forcing
 from fastlm.config import TrainConfig, add_flag, check_config
 from fastlm.scheduled_sampling import SCHEDULES
 
-MODEL_FLAGS = ("data", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr", "clip",
-               "backend", "device", "seed", "eval_batch_size")
+MODEL_FLAGS = ("data", "vocab_size", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr",
+               "clip", "backend", "device", "seed", "eval_batch_size")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def _fresh_folder(out_dir: Path) -> Path:
 def _corpus(cfg: TrainConfig) -> Corpus:
     if Path(cfg.data) == Path(DEFAULT_DATA):
         ensure_ptb(cfg.data)
-    return Corpus(cfg.data)
+    return Corpus(cfg.data, max_vocab=cfg.vocab_size)
 
 
 def _prompts(corpus: Corpus, count: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from fastlm.errors import UsageError
 from fastlm.lstm import BACKENDS, resolve_backend
 from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
 
@@ -30,6 +31,8 @@ class TrainConfig:
     embed_size: int = _flag(128, "word embedding size")
     hidden_size: int = _flag(1024, "LSTM hidden size")
     num_layers: int = _flag(1, "stacked LSTM layers")
+    vocab_size: int | None = _flag(None, "keep only the N most frequent training words, the rest read as <unk> "
+                                   "(default: every word of train.txt)", type=int)
     epochs: int = _flag(5, "passes over the training data", resumable=True)
     batch_size: int = _flag(20, "rows the token stream is cut into")
     seq_len: int = _flag(30, "TBPTT window length (tokens between detaches)")
@@ -81,7 +84,7 @@ RESUMABLE_OVERRIDES = {f.name for f in fields(TrainConfig) if f.metadata["resuma
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingError(Exception):
+class TrainingError(UsageError):
     """A training request that cannot be carried out; the message says what to change."""
 
 
@@ -107,10 +110,27 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def _cpu_capabilities() -> dict:
+    return getattr(torch.cpu, "get_capabilities", lambda: {})()
+
+
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has AMX bfloat16 tiles, where oneDNN's bf16 matmuls run ~2x float32's rate."""
-    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    return bool(capabilities.get("amx_bf16"))
+    return bool(_cpu_capabilities().get("amx_bf16"))
+
+
+# The CPU instructions without which a 16-bit float matmul is emulated: on an AMD EPYC without
+# AVX512-BF16 the bf16 training step took 42x as long as fp32's (24 s against 0.57 s).
+CPU_UNITS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+
+
+def check_cpu_can_multiply(amp_dtype: torch.dtype | None) -> None:
+    """Refuse --amp bf16/fp16 on a CPU that has no units for that dtype, before any work."""
+    units = CPU_UNITS.get(amp_dtype, ())
+    if units and not any(_cpu_capabilities().get(unit) for unit in units):
+        name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
+        raise TrainingError(f"this CPU has no {name} units ({' or '.join(u.upper() for u in units)}), so --amp {name} "
+                            "would run many times slower than fp32 here (42x measured on one such CPU): use --amp off")
 
 
 def pick_device(name: str) -> torch.device:
@@ -189,6 +209,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
     if cfg.amp not in (*AMP_DTYPES, "auto"):
         raise TrainingError(f"--amp must be off, bf16, fp16 or auto, got {cfg.amp!r}")
+    if cfg.vocab_size is not None and cfg.vocab_size < 2:
+        raise TrainingError(f"--vocab-size must be at least 2 (a word and <unk>), got {cfg.vocab_size}")
     for name in ("eval_interval", "eval_tokens", "teacher_forcing_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

@@ -5,6 +5,7 @@ whitespace and `<eos>` appended; the vocabulary is the training split's words in
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import os
@@ -15,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastlm.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -29,7 +32,7 @@ PTB_SHA256 = {
 }
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """A problem with the data that the user must fix; the message says how."""
 
 
@@ -77,22 +80,39 @@ def read_words(path: Path) -> list[str]:
 class Corpus:
     """The three splits of a data folder as 1-D LongTensors `.train`, `.valid`, `.test`.
 
-    Pass `dictionary` (e.g. a checkpoint's vocabulary) to use it instead of building one.
-    Words outside the vocabulary become `<unk>` when the vocabulary has it, else an error.
+    A corpus is any folder with train.txt, valid.txt and test.txt: UTF-8 text, words separated by
+    whitespace, `<eos>` added at the end of every line. The vocabulary is train.txt's words in the
+    order first seen; with `max_vocab`, only the most frequent of them (ties: first seen first),
+    `<unk>` included. Words outside it read as `<unk>`, which joins the vocabulary when needed
+    (Penn Treebank already has it and needs no change). Pass `dictionary` (a checkpoint's
+    vocabulary) to use it instead: then words outside it need its `<unk>`.
     """
 
-    def __init__(self, folder: str | os.PathLike = "data/ptb", dictionary: Dictionary | None = None):
+    def __init__(self, folder: str | os.PathLike = "data/ptb", dictionary: Dictionary | None = None,
+                 max_vocab: int | None = None):
         self.folder = Path(folder)
         missing = [f"{s}.txt" for s in SPLITS if not (self.folder / f"{s}.txt").is_file()]
         if missing:
             raise DataError(f"{self.folder} lacks {', '.join(missing)}: put train.txt, valid.txt and test.txt there")
         words = {split: read_words(self.folder / f"{split}.txt") for split in SPLITS}
-        if dictionary is None:
-            # dict.fromkeys keeps first-seen order and runs at C speed.
-            dictionary = Dictionary(list(dict.fromkeys(words["train"])))
-        self.dictionary = dictionary
+        self.dictionary = dictionary or self._vocabulary(words, max_vocab)
         for split in SPLITS:
             setattr(self, split, self._ids(words[split], self.folder / f"{split}.txt"))
+
+    @staticmethod
+    def _vocabulary(words: dict[str, list[str]], max_vocab: int | None) -> Dictionary:
+        counts = collections.Counter(words["train"])  # keys in the order first seen
+        kept = list(counts)
+        if max_vocab is not None and len(kept) > max_vocab:
+            # The most frequent words and <unk>, which stands for the rest (a stable sort: ties keep
+            # the order first seen), listed in the order first seen.
+            ranked = sorted(counts, key=lambda word: (word != UNK, -counts[word]))
+            chosen = set(ranked[: max_vocab if UNK in counts else max_vocab - 1])
+            kept = [word for word in counts if word in chosen]
+        dictionary = Dictionary(kept)
+        if UNK not in dictionary and any(w not in dictionary for split in SPLITS for w in words[split]):
+            dictionary.add_word(UNK)
+        return dictionary
 
     def _ids(self, words: list[str], path: Path) -> Tensor:
         word2idx = self.dictionary.word2idx

@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastlm.errors import UsageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -34,7 +36,7 @@ class World:
     def rows(self, batch_size: int, what: str = "--batch-size") -> slice:
         """This rank's block of the batch's rows."""
         if batch_size % self.size:
-            raise ValueError(f"{what} {batch_size} is not divisible by the world size {self.size}: "
+            raise UsageError(f"{what} {batch_size} is not divisible by the world size {self.size}: "
                              f"use a multiple of {self.size}")
         per_rank = batch_size // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)

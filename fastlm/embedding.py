@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastlm.data import Dictionary
+from fastlm.errors import UsageError
 from fastlm.model import RNNLM
 
 MATRICES = ("input", "output")
@@ -19,7 +20,7 @@ MATRICES = ("input", "output")
 
 def word_vectors(model: RNNLM, matrix: str = "input") -> Tensor:
     if matrix not in MATRICES:
-        raise ValueError(f"unknown matrix {matrix!r}: choose input or output")
+        raise UsageError(f"unknown matrix {matrix!r}: choose input or output")
     weight = model.embed.weight if matrix == "input" else model.linear.weight
     return weight.detach().to("cpu", torch.float64)
 
@@ -30,7 +31,7 @@ def word_id(dictionary: Dictionary, word: str) -> int:
         return dictionary.word2idx[word]
     close = difflib.get_close_matches(word, dictionary.idx2word, n=5, cutoff=0.6)
     hint = f"closest: {', '.join(close)}" if close else "no close match"
-    raise ValueError(f"{word!r} is not in the vocabulary ({hint})")
+    raise UsageError(f"{word!r} is not in the vocabulary ({hint})")
 
 
 def _unit(vectors: Tensor) -> Tensor:
@@ -45,7 +46,7 @@ def cosine_distance(vectors: Tensor, a: int, b: int) -> float:
 def nearest(vectors: Tensor, query: Tensor, k: int, exclude: set[int]) -> list[tuple[int, float]]:
     """The k rows most cosine-similar to `query`, skipping `exclude`: (id, similarity), best first."""
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
     similarity = _unit(vectors) @ _unit(query)
     similarity[list(exclude)] = float("-inf")
     k = min(k, vectors.shape[0] - len(exclude))

@@ -11,16 +11,23 @@ its `state_dict` loads into `nn.LSTM` and back. Only `forward` differs, by backe
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 
 import torch
 from torch import Tensor, nn
 
+from fastlm.errors import UsageError
+
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.import_module("triton") is not None
+    except ImportError:
+        return False
 
 
 def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.dtype | None = None,
@@ -35,7 +42,10 @@ def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.d
     those launches make the kernel launch-bound; and on the CPU.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not _triton_available():
+        raise UsageError("the triton backend needs Triton, which is not installed: the CUDA builds of torch bring "
+                         "it (elsewhere pip install 'triton>=3.3'), or choose --backend torch")
     if backend != "auto":
         return backend
     fused_wins = (torch.device(device).type == "cuda" and graphed and amp_dtype in (torch.bfloat16, torch.float16)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastlm.errors import UsageError
+
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("the reports draw PNGs with matplotlib: pip install matplotlib (or fastlm[dev])") from None
+        raise UsageError("the reports draw PNGs with matplotlib: pip install matplotlib (or fastlm[dev])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -6,9 +6,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from fastlm.cli import ArgumentParser, UsageError, run_main
+from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import available_bytes, pick_device
 from fastlm.data import EOS
+from fastlm.errors import UsageError
 from fastlm.model import load_model
 from fastlm.sampling import STRATEGIES, encode_prompt, generate, to_text
 

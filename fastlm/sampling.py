@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fastlm.data import EOS, UNK, Dictionary
+from fastlm.errors import UsageError
 from fastlm.model import RNNLM
 
 STRATEGIES = ("multinomial", "greedy")
@@ -18,13 +19,13 @@ STRATEGIES = ("multinomial", "greedy")
 
 def check_sampling(strategy: str, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: choose multinomial or greedy")
+        raise UsageError(f"unknown strategy {strategy!r}: choose multinomial or greedy")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use --strategy greedy for the arg-max)")
+        raise UsageError(f"temperature must be > 0, got {temperature} (use --strategy greedy for the arg-max)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top-k must be at least 1, got {top_k}")
+        raise UsageError(f"top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+        raise UsageError(f"top-p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -60,7 +61,7 @@ def encode_prompt(words: list[str], dictionary: Dictionary) -> list[int]:
     unknown = [w for w in words if w not in dictionary]
     if unknown:
         if UNK not in dictionary:
-            raise ValueError(f"prompt words not in the vocabulary and no {UNK} to map them to: {', '.join(unknown)}")
+            raise UsageError(f"prompt words not in the vocabulary and no {UNK} to map them to: {', '.join(unknown)}")
         warnings.warn(f"prompt words not in the vocabulary, read as {UNK}: {', '.join(unknown)}", stacklevel=2)
     return [dictionary.word2idx.get(w, dictionary.word2idx.get(UNK)) for w in words]
 
@@ -76,7 +77,7 @@ def generate(model: RNNLM, num_words: int, *, num_samples: int = 1, prompt: list
     """
     check_sampling(strategy, temperature, top_k, top_p)
     if num_words < 1 or num_samples < 1:
-        raise ValueError(f"num-words and num-samples must be at least 1, got {num_words} and {num_samples}")
+        raise UsageError(f"num-words and num-samples must be at least 1, got {num_words} and {num_samples}")
     model.eval()
     device = model.linear.weight.device
     generator = torch.Generator(device=device)

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastlm.errors import UsageError
 from fastlm.optimizer import update
 
 SCHEDULES = ("constant", "linear", "exponential", "inverse-sigmoid")
@@ -35,7 +36,7 @@ def teacher_forcing_probability(start: float, schedule: str, progress: float) ->
         return start * 0.01**s
     if schedule == "inverse-sigmoid":
         return start / (1.0 + math.exp(10.0 * (s - 0.5)))
-    raise ValueError(f"unknown teacher-forcing schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
+    raise UsageError(f"unknown teacher-forcing schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
 
 
 def free_running_step(model, optimizer, inputs, targets, state, clip: float, teacher_forcing: float,

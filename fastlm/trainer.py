@@ -20,9 +20,9 @@ from fastlm import distributed
 from fastlm.allocator import retain_freed_memory
 from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, check_finite_weights, checkpoint_path, load_checkpoint,
                                save_checkpoint)
-from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config, check_fits,
-                           cpu_multiplies_bf16,
-                           pick_device, resume_config, use_device)
+from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config,
+                           check_cpu_can_multiply, check_fits, cpu_multiplies_bf16, pick_device, resume_config,
+                           use_device)
 from fastlm.data import (PTB_URL, Corpus, Dictionary, batchify, batchify_for_eval, ensure_ptb, eval_windows,
                          num_windows, tbptt_windows)
 from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
@@ -202,7 +202,7 @@ class Run:
         cfg, world = self.cfg, self.world
         if Path(cfg.data) == Path(DEFAULT_DATA):
             ensure_ptb(cfg.data, PTB_URL)
-        self.corpus = Corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None)
+        self.corpus = Corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None, cfg.vocab_size)
         # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
         self.rows = world.rows(cfg.batch_size)
         eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
@@ -227,6 +227,7 @@ class Run:
         self.model = RNNLM(len(self.corpus.dictionary), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
                            backend=backend).to(device)
         if device.type == "cpu":
+            check_cpu_can_multiply(self.amp_dtype)
             retain_freed_memory()  # no page faults on freshly mapped tensors every step
             if cfg.amp == "auto" and cpu_multiplies_bf16():
                 self.say("this CPU has AMX bfloat16 units: --amp bf16 may train faster (output layer in bf16, "
@@ -237,6 +238,8 @@ class Run:
                                         state=ckpt["optimizer"] if ckpt else None)
         if ckpt:
             self.load_state_dict(ckpt)
+            self.say(f"Resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch} "
+                     f"(step {self.global_step} in all)")
 
     def _build_steps(self) -> None:
         cfg, model = self.cfg, self.model
@@ -276,7 +279,9 @@ class Run:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
-        self.start_time, start_step = self.clock(), self.global_step
+        self.start_time, self.start_step = self.clock(), self.global_step
+        if self.nothing_to_train():
+            return self.result
         with StopFlag() as stop:
             while self.epoch < cfg.epochs:
                 self.start_epoch()
@@ -284,6 +289,8 @@ class Run:
                     if cfg.max_steps is not None and self.global_step >= cfg.max_steps or stop.agreed:
                         break
                     self.train_step(inputs, targets)
+                    if self.global_step == self.start_step + 1:
+                        self.say_first_step()
                     if self.step % cfg.log_interval == 0 or self.step == self.steps_per_epoch:
                         self.log_train(stop)
                     if cfg.eval_interval and self.global_step % cfg.eval_interval == 0:
@@ -293,14 +300,47 @@ class Run:
                     self.refuse_to_save_divergence(self.stepper.loss_sum)
                     self.save(self.state_dict(self.stepper.state), CHECKPOINT)
                     self.result.interrupted = stop.requested
+                    if stop.requested:
+                        self.say(f"Stopped at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; saved "
+                                 f"{self.run_dir / CHECKPOINT}. Continue with: python -m fastlm.train --resume "
+                                 f"{self.run_dir}")
                     break
                 self.end_epoch()
         self.result.global_step, self.result.train_seconds = self.global_step, self.training_seconds()
-        self.say(f"Training time: {self.result.train_seconds:.1f} s for {self.global_step - start_step} steps and "
+        self.say(f"Training time: {self.result.train_seconds:.1f} s for {self.global_step - self.start_step} steps and "
                  f"{self.validations} validation passes ({self.saving_seconds:.1f} s of checkpoint writes not counted)")
         if self.epoch >= cfg.epochs and not self.result.interrupted:
             self.test()
         return self.result
+
+    def nothing_to_train(self) -> bool:
+        """A resumed run that has already done what it is asked says so, and leaves its folder alone."""
+        cfg = self.cfg
+        if self.epoch >= cfg.epochs:
+            self.say(f"Nothing to train: the run has finished its {self.epoch} epoch(s); pass --epochs N with N > "
+                     f"{self.epoch} to train more")
+        elif cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            self.say(f"Nothing to train: the run is at step {self.global_step} and --max-steps is {cfg.max_steps}; "
+                     "raise --max-steps (it counts across resumes) to train more")
+        else:
+            return False
+        return True
+
+    def planned_steps_in_total(self) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch
+        return total if self.cfg.max_steps is None else min(total, self.cfg.max_steps)
+
+    def eta(self, seconds_per_step: float) -> str:
+        """Time left for the steps still to come at this pace (validation passes not included)."""
+        left = int(max(0, self.planned_steps_in_total() - self.global_step) * seconds_per_step)
+        return f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+
+    def say_first_step(self) -> None:
+        """A first line at once, not after --log-interval steps: what a step costs, when the run ends."""
+        seconds = self.clock() - self.start_time
+        self.say(f"First step done in {seconds:.2f} s (set-up included); at that pace the "
+                 f"{self.planned_steps_in_total() - self.start_step} steps of this run take {self.eta(seconds)}, "
+                 f"and the first log line comes at step {self.cfg.log_interval}")
 
     def start_epoch(self) -> None:
         self.stepper.reset_state(self.carried if self.step > 0 else None)  # zeros, or the resumed state
@@ -330,9 +370,11 @@ class Run:
             raise DivergedError(f"the training loss became {mean_loss} by step {self.global_step}; stopped without "
                                 f"saving: {self.kept()} (try a lower --lr)")
         now = self.clock()
-        tokens_per_s = self.steps_since_log * self.cfg.batch_size * self.cfg.seq_len / (now - self.last_log_time)
+        seconds_per_step = (now - self.last_log_time) / self.steps_since_log
+        tokens_per_s = self.cfg.batch_size * self.cfg.seq_len / seconds_per_step
         self.say(f"Epoch [{self.epoch + 1}/{self.cfg.epochs}], Step[{self.step}/{self.steps_per_epoch}], "
-                 f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}")
+                 f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}, {seconds_per_step:.3f} s/step, "
+                 f"step {self.global_step}/{self.planned_steps_in_total()}, ETA {self.eta(seconds_per_step)}")
         self.bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
         self.record(split="train", epoch=self.epoch + 1, step=self.step, global_step=self.global_step,
                     loss=mean_loss, ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s,

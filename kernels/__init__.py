@@ -4,7 +4,16 @@ The folder is `kernels/` at the top of the repository but installs as `fastlm.ke
 never shadows Hugging Face's top-level `kernels` package. Both functions share one signature:
 `(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh) -> (out, hN, cN)`.
 """
-from .fused_lstm import fused_lstm
 from .naive import naive_lstm
+
+try:
+    from .fused_lstm import fused_lstm
+except ModuleNotFoundError as err:  # no Triton: the reference still works
+    if err.name != "triton":
+        raise
+
+    def fused_lstm(*args, **kwargs):
+        raise ImportError("fastlm's fused LSTM kernel needs Triton, which is not installed: the CUDA builds of "
+                          "torch bring it; elsewhere pip install 'triton>=3.3' (on a CPU it runs interpreted)")
 
 __all__ = ["fused_lstm", "naive_lstm"]

@@ -92,3 +92,13 @@ def tiny_run(tmp_path_factory) -> Path:
     train(TrainConfig(data=str(corpus), embed_size=16, hidden_size=32, epochs=2, batch_size=4, seq_len=5,
                       lr=0.01, log_interval=50, eval_batch_size=3, out=str(root / "run"), device="cpu"))
     return root / "run"
+
+
+@pytest.fixture
+def cpu_with_16_bit_units(monkeypatch):
+    """Tests of what 16-bit autocast computes, not of how fast: let the trainer accept --amp bf16/fp16
+    on any CPU (it refuses them where the CPU has no units for them)."""
+    from fastlm import config
+
+    monkeypatch.setattr(config, "_cpu_capabilities", lambda: {unit: True for units in config.CPU_UNITS.values()
+                                                              for unit in units})

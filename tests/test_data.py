@@ -45,9 +45,33 @@ def test_unknown_words_map_to_unk_when_the_vocabulary_has_it(tmp_path):
     assert corpus.valid.tolist() == [corpus.dictionary.word2idx["a"], unk, corpus.dictionary.word2idx["<eos>"]]
 
 
-def test_unknown_words_without_unk_are_an_error(tmp_path):
+def test_words_unseen_in_training_read_as_unk_which_joins_the_vocabulary(tmp_path):
+    # Plain text with no <unk> token of its own: the vocabulary gains one, last.
+    corpus = Corpus(_write(tmp_path, "a b\nb c\n", valid="zebra a yak\n", test="c c\n"))
+    assert corpus.dictionary.idx2word == ["a", "b", "<eos>", "c", "<unk>"]
+    assert corpus.valid.tolist() == [4, 0, 4, 2]
+
+
+def test_a_text_with_every_word_seen_gets_no_unk(tmp_path):
+    assert "<unk>" not in Corpus(_write(tmp_path, "a b\nb a\n")).dictionary
+
+
+def test_a_checkpoints_vocabulary_without_unk_cannot_read_new_words(tmp_path):
     with pytest.raises(DataError, match=r"valid.txt has 2 word\(s\) not in the training vocabulary \(yak, zebra\)"):
-        Corpus(_write(tmp_path, "a b\n", valid="zebra a yak\n"))
+        Corpus(_write(tmp_path, "a b\n", valid="zebra a yak\n"), Dictionary(["a", "b", "<eos>"]))
+
+
+@pytest.mark.parametrize("train, cap, vocabulary", [
+    ("d a b a c a b <unk>\n", 3, ["a", "b", "<unk>"]),  # <unk> is a word of the text: it stays, in its place
+    ("d a b a c a b\n", 3, ["a", "b", "<unk>"]),  # not a word of the text: it takes the last place
+    ("c b a\n", 3, ["c", "b", "<unk>"]),  # ties: the first seen first
+    ("a b\n", 10, ["a", "b", "<eos>"]),  # a cap above the vocabulary changes nothing
+], ids=["unk-in-text", "unk-added", "ties-first-seen", "cap-above"])
+def test_vocab_size_keeps_the_most_frequent_words(tmp_path, train, cap, vocabulary):
+    corpus = Corpus(_write(tmp_path, train, valid="a\n", test="a\n"), max_vocab=cap)
+    assert corpus.dictionary.idx2word == vocabulary
+    unk = corpus.dictionary.word2idx.get("<unk>")
+    assert corpus.train.tolist() == [corpus.dictionary.word2idx.get(w, unk) for w in train.split() + ["<eos>"]]
 
 
 def test_missing_and_empty_files(tmp_path):

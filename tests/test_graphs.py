@@ -202,7 +202,7 @@ def _train_simulating_graphs(monkeypatch, simulate: bool, *args, **kwargs):
 
 @pytest.mark.parametrize("backend, amp", BACKENDS_AND_DTYPES)
 def test_simulated_graph_training_equals_eager_training_bit_for_bit(corpus_dir, tmp_path, monkeypatch, replays,
-                                                                   backend, amp):
+                                                                   cpu_with_16_bit_units, backend, amp):
     # 2 epochs of 132 steps. Split runs stop at step 150, inside the second epoch, and resume the other
     # way (eager → graphs, graphs → eager), so a mid-epoch state and Adam's state cross in both directions.
     flags = {"backend": backend, "amp": "off" if amp is None else "bf16"}
@@ -385,7 +385,8 @@ def test_the_cli_trains_with_cuda_graph_semantics_on_the_cpu_behind_the_test_swi
     assert sum(graph.fn.__name__ == "_step" for graph in replays) == 132 + 1
 
 
-def test_simulated_graph_training_with_the_fused_kernel_equals_eager_training(corpus_dir, tmp_path, monkeypatch):
+def test_simulated_graph_training_with_the_fused_kernel_equals_eager_training(corpus_dir, tmp_path, monkeypatch,
+                                                                              cpu_with_16_bit_units):
     # The GPU's default: the Triton kernel (interpreted here) in bf16, graphed; fewer steps, since
     # every kernel program runs in Python.
     flags = {"backend": "triton", "amp": "bf16", "embed_size": 8, "hidden_size": 16}

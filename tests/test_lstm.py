@@ -1,4 +1,7 @@
 """fastlm.lstm.LSTM against nn.LSTM with copied weights, in float64."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +120,30 @@ def test_bad_input_raises_value_error(make, call, message):
     with pytest.raises(ValueError, match=message):
         module = make()
         call(module)
+
+
+def test_without_triton_everything_but_the_kernel_works(corpus_dir):
+    # Triton is not a dependency (CUDA builds of torch bring it): a CPU install without it keeps the
+    # torch and reference backends, and asking for the kernel is one line.
+    script = """
+import sys
+sys.modules["triton"] = None  # as if not installed
+import torch
+from fastlm.kernels import fused_lstm
+from fastlm.lstm import LSTM, resolve_backend
+LSTM(4, 8, backend="reference")(torch.randn(2, 3, 4))
+print("auto on a graphed bf16 GPU run:", resolve_backend("auto", "cuda", torch.bfloat16, True))
+try:
+    fused_lstm()
+except ImportError as err:
+    print("fused_lstm:", err)
+from fastlm.cli import run_main
+from fastlm.train import main
+run_main(main, ["--data", sys.argv[1], "--backend", "triton", "--device", "cpu"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(corpus_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "auto on a graphed bf16 GPU run: torch" in proc.stdout
+    assert "fused_lstm: fastlm's fused LSTM kernel needs Triton, which is not installed" in proc.stdout
+    assert proc.stderr == ("error: the triton backend needs Triton, which is not installed: the CUDA builds of torch "
+                           "bring it (elsewhere pip install 'triton>=3.3'), or choose --backend torch\n")

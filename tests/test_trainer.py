@@ -95,7 +95,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(corpus_dir, tmp_path, fe
     assert first.train_losses + second.train_losses == straight.train_losses
 
 
-def test_resume_in_float16_restores_the_loss_scale(corpus_dir, tmp_path, monkeypatch):
+def test_resume_in_float16_restores_the_loss_scale(corpus_dir, tmp_path, monkeypatch, cpu_with_16_bit_units):
     # A scaler that doubles its scale every 10 clean steps overflows again and again: which steps it
     # skips, and so every later loss, depends on the scale and growth count the checkpoint carries.
     scalers, real = [], torch.amp.GradScaler
@@ -265,9 +265,64 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_the_run_resumes(corpus_dir, tm
     while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert f"; saved {run / 'checkpoint.pt'}. Continue with: python -m fastlm.train --resume {run}" in out
     ckpt = load_checkpoint(run)
     assert ckpt["global_step"] >= 10
     resumed = train(TrainConfig(), resume=str(run), overrides={"max_steps": ckpt["global_step"] + 5})
     assert resumed.global_step == ckpt["global_step"] + 5
+
+
+def test_a_plain_text_corpus_trains_end_to_end(tmp_path, capsys):
+    # Own text: no <unk> of its own, words in valid/test that train never has, a vocabulary cap.
+    from fastlm.sample import main as sample_main
+
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    sentences = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog met"] * 40
+    (corpus / "train.txt").write_text("\n".join(sentences) + "\n")
+    (corpus / "valid.txt").write_text("the zebra sat on the mat\nthe cat met a yak\n" * 5)
+    (corpus / "test.txt").write_text("a dog sat on the rug\n" * 5)
+    run = tmp_path / "run"
+    code, out = _cli(train_main, ["--data", str(corpus), "--out", str(run), "--vocab-size", "8", "--embed-size", "8",
+                                  "--hidden-size", "16", "--epochs", "2", "--batch-size", "4", "--seq-len", "5",
+                                  "--eval-batch-size", "2", "--device", "cpu"], capsys)
+    assert code == 0, out.err
+    vocab = load_checkpoint(run)["vocab"]
+    assert len(vocab) == 8 and vocab[-1] == "<unk>" and {"the", "cat", "sat", "on"} <= set(vocab)
+    assert "fastlm: 8 words" in out.out
+    code, out = _cli(evaluate_main, ["--checkpoint", str(run), "--split", "valid", "--device", "cpu"], capsys)
+    assert code == 0 and out.out.startswith("valid perplexity: ")
+    code, out = _cli(sample_main, ["--checkpoint", str(run), "--prompt", "the cat", "--seed", "1", "--device", "cpu",
+                                   "--out", str(tmp_path / "s.txt")], capsys)
+    assert code == 0 and (tmp_path / "s.txt").read_text().startswith("the cat")
+
+
+def test_a_run_speaks_at_once_and_says_where_it_stands(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(corpus_dir, run, max_steps=30, log_interval=10))
+    out = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(out) if line.startswith("First step done in "))
+    assert first < next(i for i, line in enumerate(out) if line.startswith("Epoch [1/2], Step[10/132]"))
+    assert "the 30 steps of this run take " in out[first] and "the first log line comes at step 10" in out[first]
+    assert all(" s/step, step " in line and ", ETA " in line for line in out if line.startswith("Epoch [1/2], Step["))
+    assert "step 30/30, ETA 0m00s" in out[-2]
+
+    saved = (run / "checkpoint.pt").read_bytes()
+    train(TrainConfig(), resume=str(run), overrides={"max_steps": 20})
+    out = capsys.readouterr().out
+    assert f"Resuming {run} at epoch 1, step 30/132 (step 30 in all)" in out
+    assert "Nothing to train: the run is at step 30 and --max-steps is 20; raise --max-steps" in out
+    assert (run / "checkpoint.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("amp, units", [("bf16", "AMX_BF16 or AVX512_BF16"), ("fp16", "AMX_FP16 or AVX512_FP16")])
+def test_16_bit_autocast_on_a_cpu_without_its_units_is_refused(corpus_dir, tmp_path, capsys, monkeypatch, amp, units):
+    from fastlm import config
+
+    monkeypatch.setattr(config, "_cpu_capabilities", lambda: {"avx512_f": True})
+    code, out = _cli(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                  "--amp", amp], capsys)
+    assert code == 2 and f"this CPU has no {amp} units ({units}), so --amp {amp} would run many times slower" in out.err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
