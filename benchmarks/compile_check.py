@@ -1,6 +1,6 @@
 """Compile every configuration of the fused LSTM step kernels for Hopper (sm_90), without a GPU.
 
-    python -m benchmarks.compile_check [--out benchmarks/results/compile_check.json]
+    python -m benchmarks.compile_check [--out FILE.json]
 
 For float32, bfloat16 and float16, H ∈ {256, 1024, 2048} and batch sizes that reach every row block
 the launchers choose (and every candidate the GPU sweep `benchmarks.tune_step` may time), it builds both step kernels with `triton.compile` for GPUTarget("cuda", 90, 32)
@@ -125,7 +125,8 @@ def check_all() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/compile_check.json")
+    p.add_argument("--out", help="also write the report as JSON here (default: print only; the recorded one is "
+                   "benchmarks/results/compile_check.json)")
     args = p.parse_args(argv)
     if interpreting():
         print("error: TRITON_INTERPRET is set; unset it to compile the kernels", file=sys.stderr)
@@ -141,8 +142,9 @@ def main(argv=None) -> int:
     report = {"target": "cuda sm_90 (GPUTarget('cuda', 90, 32))", "triton": triton.__version__,
               "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
               "configs": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     failed = [r for r in rows if r["problems"]]
     if failed:
         print(f"{len(failed)} of {len(rows)} configurations failed")

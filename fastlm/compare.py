@@ -30,16 +30,18 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     experiments = p.add_subparsers(dest="experiment", required=True)
     tf = experiments.add_parser("teacher-forcing", parents=[common], help="teacher forcing vs free running")
-    tf.add_argument("--steps", type=int, default=500, help="optimizer steps for each model")
+    tf.add_argument("--steps", type=int, default=500, help="optimizer steps for each model (default: 500)")
     tf.add_argument("--free-running", type=float, default=0.0,
-                    help="teacher-forcing probability of the second model (0: fully free running)")
-    tf.add_argument("--schedule", default="constant", help=f"its decay: {', '.join(SCHEDULES)}")
-    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity")
+                    help="teacher-forcing probability of the second model (default: 0, fully free running)")
+    tf.add_argument("--schedule", default="constant", help=f"its decay: {', '.join(SCHEDULES)} (default: constant)")
+    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity "
+                    "(default: the worse model's best)")
     tf.add_argument("--pair", action="append", metavar="WORD/WORD",
                     help="word pairs whose cosine distance to compare (default: army/taxpayer)")
-    tf.add_argument("--eval-tokens", type=int, default=20000, help="validation tokens for the curve's points")
+    tf.add_argument("--eval-tokens", type=int, default=20000,
+                    help="validation tokens for the curve's points (default: 20000)")
     detach = experiments.add_parser("detach", parents=[common], help="graph memory with and without detach")
-    detach.add_argument("--chunks", type=int, default=10, help="TBPTT windows to train on")
+    detach.add_argument("--chunks", type=int, default=10, help="TBPTT windows to train on (default: 10)")
     args = p.parse_args(argv)
 
     base = TrainConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})

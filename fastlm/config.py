@@ -36,8 +36,21 @@ class TrainConfig:
     epochs: int = _flag(5, "passes over the training data", resumable=True)
     batch_size: int = _flag(20, "rows the token stream is cut into")
     seq_len: int = _flag(30, "TBPTT window length (tokens between detaches)")
-    lr: float = _flag(0.002, "Adam learning rate")
+    lr: float = _flag(0.002, "learning rate")
     clip: float = _flag(0.5, "gradient-norm clipping threshold")
+    optimizer: str = _flag("adam", "adam (fused) or sgd (plain, as the PyTorch word-language-model example)")
+    lr_decay: float = _flag(1.0, "divide the learning rate by this after an epoch whose validation loss did not "
+                            "improve (the example's 4; 1 keeps it)")
+    dropout: float = _flag(0.0, "dropout on the embeddings, between LSTM layers and on the LSTM output")
+    locked_dropout: bool = _flag(False, "one dropout mask per row for a whole window (variational dropout) instead "
+                                 "of one per element", type=bool)
+    weight_drop: float = _flag(0.0, "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)")
+    tied: bool = _flag(False, "the output layer shares the embedding matrix (needs --embed-size = --hidden-size)",
+                       type=bool)
+    init_range: float | None = _flag(None, "draw the embedding and output weights from U(-r, r), output bias 0, as "
+                                     "the example (default: torch's initialisation)", type=float)
+    recipe: str | None = _flag(None, "a named set of settings (--recipe list shows them); flags given override it",
+                               type=str)
     backend: str = _flag("auto", f"LSTM backend: {', '.join(BACKENDS)} (auto: the fused kernel for a bf16/fp16 "
                          "step captured as a CUDA graph, torch's LSTM otherwise)", resumable=True)
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto", resumable=True)
@@ -77,6 +90,34 @@ def add_flag(parser: argparse.ArgumentParser, name: str, default=argparse.SUPPRE
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     else:
         parser.add_argument(flag, type=meta["type"] or type(shown), default=default, help=help_text)
+
+
+# Named recipes: the settings each sets (explicit flags override them) and where it comes from.
+RECIPES = {
+    "tutorial": ({}, "the classic PyTorch tutorial's language model and training: fastlm's defaults"),
+    "small": (dict(embed_size=200, hidden_size=200, num_layers=2, tied=True, dropout=0.2, optimizer="sgd", lr=20.0,
+                   clip=0.25, seq_len=35, batch_size=20, eval_batch_size=10, epochs=6, lr_decay=4.0, init_range=0.1),
+              "the PyTorch word-language-model example's defaults with --tied --epochs 6 (its README: test 110.44)"),
+    "medium": (dict(embed_size=650, hidden_size=650, num_layers=2, tied=True, dropout=0.5, optimizer="sgd", lr=20.0,
+                    clip=0.25, seq_len=35, batch_size=20, eval_batch_size=10, epochs=40, lr_decay=4.0,
+                    init_range=0.1),
+               "the example's medium model: 2 x 650, tied, dropout 0.5, 40 epochs (hours on a CPU)"),
+}
+
+
+def recipe_config(name: str, flags: dict) -> TrainConfig:
+    """The recipe's settings with the flags given on the command line on top."""
+    if name not in RECIPES:
+        raise TrainingError(f"unknown --recipe {name!r}: choose {', '.join(RECIPES)} (--recipe list shows them)")
+    return TrainConfig(**{**RECIPES[name][0], **flags, "recipe": name})
+
+
+def describe_recipes() -> str:
+    lines = []
+    for name, (settings, source) in RECIPES.items():
+        shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()) or "(the defaults)"
+        lines.append(f"{name:9} {source}\n          {shown}")
+    return "\n".join(lines)
 
 
 # What a resumed run may change; everything else must match the checkpoint.
@@ -209,6 +250,18 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
     if cfg.amp not in (*AMP_DTYPES, "auto"):
         raise TrainingError(f"--amp must be off, bf16, fp16 or auto, got {cfg.amp!r}")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise TrainingError(f"--optimizer must be adam or sgd, got {cfg.optimizer!r}")
+    if not 1 <= cfg.lr_decay < math.inf:
+        raise TrainingError(f"--lr-decay divides the learning rate: it must be at least 1, got {cfg.lr_decay}")
+    for name in ("dropout", "weight_drop"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} is a probability in [0, 1), got {getattr(cfg, name)}")
+    if cfg.tied and cfg.embed_size != cfg.hidden_size:
+        raise TrainingError(f"--tied shares the embedding with the output layer, so --embed-size must equal "
+                            f"--hidden-size (got {cfg.embed_size} and {cfg.hidden_size})")
+    if cfg.init_range is not None and not 0 < cfg.init_range < math.inf:
+        raise TrainingError(f"--init-range must be positive, got {cfg.init_range}")
     if cfg.vocab_size is not None and cfg.vocab_size < 2:
         raise TrainingError(f"--vocab-size must be at least 2 (a word and <unk>), got {cfg.vocab_size}")
     for name in ("eval_interval", "eval_tokens", "teacher_forcing_steps"):

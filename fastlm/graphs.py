@@ -218,6 +218,10 @@ class _Snapshot:
                                 for p, s in step.optimizer.state.items()}
         self.grads = [(p, None if p.grad is None else p.grad.clone()) for _, p, _ in self.named]
         self.carried = [(t, t.clone()) for t in (step.h, step.c, step.loss_sum)]
+        # The CPU generator too: warm-up and trial steps draw dropout masks, and putting it back makes
+        # a (simulated) graphed run draw the masks an eager run draws. A CUDA generator is left alone:
+        # a captured graph advances it on every replay, which is what gives each replay fresh masks.
+        self.cpu_rng = torch.get_rng_state()
 
     def changed_parameters(self) -> list[str]:
         return [name for name, p, saved in self.named if not torch.equal(p.detach(), saved)]
@@ -241,6 +245,7 @@ class _Snapshot:
             p.grad = grad
 
     def _restore(self, step: GraphedStep, keep_new_state: bool) -> None:
+        torch.set_rng_state(self.cpu_rng)
         for _, p, saved in self.named:
             p.copy_(saved)
         for t, saved in self.carried:
@@ -314,7 +319,7 @@ class GraphedStep:
         # The warm-up runs real steps, and a capture may stop halfway: put everything back as it was,
         # so that capturing changes nothing the trainer can see. Optimizer state the warm-up created
         # (Adam's moments and step count) stays, zeroed, as the first real step would have made it.
-        if not all(group.get("capturable") for group in self.optimizer.param_groups):
+        if not all(group.get("capturable", True) for group in self.optimizer.param_groups):
             raise ValueError("capturing the step needs an optimizer made with capturable=True "
                              "(its step count must live on the device)")
         before = _Snapshot(self)
@@ -328,6 +333,10 @@ class GraphedStep:
             raise
         before.restore_keeping_new_state(self)
         self._before_capture = before
+        self._captured_lrs = self._learning_rates()
+
+    def _learning_rates(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     def check_replay(self, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
         """The start-up self-check of a captured step: None when capture kept every parameter bit for
@@ -378,6 +387,8 @@ class GraphedStep:
         self.inputs.copy_(inputs, non_blocking=True)
         self.targets.copy_(targets, non_blocking=True)
         if self.graph is not None:
+            if self._learning_rates() != self._captured_lrs:  # a graph replays the rate it was captured with
+                raise RuntimeError("the learning rate changed since the step was captured: capture it again")
             self.graph.replay()
         else:
             self._step()

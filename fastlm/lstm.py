@@ -15,6 +15,7 @@ import functools
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlm.errors import UsageError
@@ -64,6 +65,17 @@ def recurrence_dtype(device_type: str, autocast_dtype: torch.dtype) -> torch.dty
     return torch.float32 if device_type == "cpu" else autocast_dtype
 
 
+def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool) -> Tensor:
+    """Dropout on (B, T, F) activations: a fresh mask per element, or with `locked` (variational
+    dropout) one mask per row shared by all T time steps of the window. Identity in eval."""
+    if not training or p == 0:
+        return x
+    if not locked:  # contiguous: the mask follows memory order, and torch's LSTM returns time-major memory
+        return F.dropout(x.contiguous(), p, training=True)
+    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
 class LSTM(nn.LSTM):
     """Multi-layer LSTM, `nn.LSTM`'s parameters and `forward(x, (h0, c0)) -> (out, (hN, cN))`.
 
@@ -71,6 +83,10 @@ class LSTM(nn.LSTM):
         input_size (E), hidden_size (H), num_layers (L): as in `nn.LSTM` (always with biases).
         batch_first: x is (B, T, E) if True (the default here), else (T, B, E).
         backend: one of ``auto``, ``torch``, ``reference``, ``triton``.
+        dropout: on the output of each layer but the last, in training (`locked`: one mask per row
+            for the whole window).
+        weight_drop: DropConnect on W_hh (AWD-LSTM): in training each forward call, that is each
+            window, multiplies W_hh by one fresh mask.
 
     Shapes: x (B, T, E) → out (B, T, H); h0, c0, hN, cN (L, B, H).
     """
@@ -84,14 +100,21 @@ class LSTM(nn.LSTM):
         backend: str = "auto",
         device=None,
         dtype=None,
+        dropout: float = 0.0,
+        locked_dropout: bool = False,
+        weight_drop: float = 0.0,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSTM {name} must be a positive integer, got {value!r}")
+        for name, value in (("dropout", dropout), ("weight_drop", weight_drop)):
+            if not 0 <= value < 1:
+                raise UsageError(f"LSTM {name} is a probability in [0, 1), got {value!r}")
         super().__init__(input_size, hidden_size, num_layers, batch_first=batch_first, device=device, dtype=dtype)
         self.backend = backend
+        self.layer_dropout, self.locked_dropout, self.weight_drop = dropout, locked_dropout, weight_drop
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -103,7 +126,8 @@ class LSTM(nn.LSTM):
             state = (zeros, zeros)
         self._check_state(state, batch, x)
         backend = resolve_backend(self.backend, x.device)
-        if backend == "torch":
+        regularised = self.training and (self.weight_drop or (self.layer_dropout and self.num_layers > 1))
+        if backend == "torch" and not regularised:
             device_type = x.device.type
             if torch.is_autocast_enabled(device_type):
                 return self._forward_torch_autocast(x, state, torch.get_autocast_dtype(device_type))
@@ -124,16 +148,18 @@ class LSTM(nn.LSTM):
     def _forward_layers(self, x: Tensor, state: tuple[Tensor, Tensor], backend: str):
         from fastlm.kernels import naive_lstm
 
-        if backend == "triton":
-            layer_fn = _fused_layer()
-        else:
-            layer_fn = naive_lstm
+        layer_fn = {"triton": _fused_layer, "torch": _torch_layer}.get(backend, lambda: naive_lstm)()
         h0, c0 = state
         layer_input = x if self.batch_first else x.transpose(0, 1)
         final_h, final_c = [], []
         for k in range(self.num_layers):
-            weights = [getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            layer_input, h_k, c_k = layer_fn(layer_input, h0[k], c0[k], *weights)
+            if k > 0:
+                layer_input = sequence_dropout(layer_input, self.layer_dropout, self.training, self.locked_dropout)
+            w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih",
+                                                                                   "bias_hh"))
+            if self.training and self.weight_drop:
+                w_hh = F.dropout(w_hh, self.weight_drop, training=True)  # DropConnect: one mask per window
+            layer_input, h_k, c_k = layer_fn(layer_input, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh)
             final_h.append(h_k)
             final_c.append(c_k)
         out = layer_input if self.batch_first else layer_input.transpose(0, 1)
@@ -163,6 +189,24 @@ class LSTM(nn.LSTM):
                 )
             if s.device != x.device:
                 raise ValueError(f"LSTM state {name} is on {s.device} but the input is on {x.device}")
+
+
+def _torch_layer():
+    """Torch's LSTM kernel for one layer (batch-first), in the dtype autocast asks for (fp32 on the
+    CPU, as `recurrence_dtype` explains): the per-layer path that dropout between layers and weight
+    drop need."""
+
+    def layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        dtype, device_type = x.dtype, x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = recurrence_dtype(device_type, torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            weights = [w.to(dtype) for w in (weight_ih, weight_hh, bias_ih, bias_hh)]
+            out, h, c = torch._VF.lstm(x.to(dtype), (h0[None].to(dtype), c0[None].to(dtype)), weights, True, 1,
+                                      0.0, True, False, True)
+        return out, h[0], c[0]
+
+    return layer
 
 
 def _fused_layer():

@@ -12,13 +12,21 @@ from torch import Tensor, nn
 
 from fastlm.checkpoint import CheckpointError, check_finite_weights, first_line, load_checkpoint
 from fastlm.data import Dictionary
-from fastlm.lstm import LSTM
+from fastlm.errors import UsageError
+from fastlm.lstm import LSTM, sequence_dropout
 
 State = tuple[Tensor, Tensor]
 
 
 class RNNLM(nn.Module):
     """Word-level LSTM language model.
+
+    Regularisation, all off by default (the tutorial's model): `dropout` on the embeddings, between
+    LSTM layers and on the LSTM output, as the PyTorch word-language-model example places it
+    (`locked_dropout`: one mask per row for the whole window, variational dropout); `weight_drop`
+    on W_hh (see `LSTM`); `tied`: the output layer shares the embedding matrix (needs embed size =
+    hidden size). `init_range` r draws the embedding and output weights from U(-r, r) and zeroes the
+    output bias, as that example does; None keeps torch's defaults.
 
     Shapes: tokens (B, T) → logits (B·T, V); state (h, c), each (L, B, H).
     """
@@ -30,18 +38,47 @@ class RNNLM(nn.Module):
         hidden_size: int = 1024,
         num_layers: int = 1,
         backend: str = "auto",
+        dropout: float = 0.0,
+        locked_dropout: bool = False,
+        weight_drop: float = 0.0,
+        tied: bool = False,
+        init_range: float | None = None,
     ):
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        if tied and embed_size != hidden_size:
+            raise UsageError(f"--tied shares the embedding with the output layer, so --embed-size must equal "
+                             f"--hidden-size (got {embed_size} and {hidden_size})")
+        if not 0 <= dropout < 1:
+            raise UsageError(f"--dropout is a probability in [0, 1), got {dropout}")
         self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True, backend=backend)
+        self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True, backend=backend, dropout=dropout,
+                         locked_dropout=locked_dropout, weight_drop=weight_drop)
         self.linear = nn.Linear(hidden_size, vocab_size)
+        self.dropout, self.locked_dropout, self.tied = dropout, locked_dropout, tied
+        if tied:
+            self.linear.weight = self.embed.weight
+        if init_range is not None:
+            with torch.no_grad():
+                self.embed.weight.uniform_(-init_range, init_range)
+                self.linear.bias.zero_()
+                self.linear.weight.uniform_(-init_range, init_range)
+
+    @classmethod
+    def from_config(cls, cfg: dict, vocab_size: int, backend: str | None = None) -> RNNLM:
+        """The model a training config describes (a TrainConfig's or a checkpoint's `config` dict)."""
+        return cls(vocab_size, cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
+                   backend=backend or cfg.get("backend", "auto"), dropout=cfg.get("dropout", 0.0),
+                   locked_dropout=cfg.get("locked_dropout", False), weight_drop=cfg.get("weight_drop", 0.0),
+                   tied=cfg.get("tied", False), init_range=cfg.get("init_range"))
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         if tokens.dim() != 2:
             raise ValueError(f"RNNLM expects token ids of shape (batch, seq), got rank {tokens.dim()}")
-        out, state = self.lstm(self.embed(tokens), state)
+        x = sequence_dropout(self.embed(tokens), self.dropout, self.training, self.locked_dropout)
+        out, state = self.lstm(x, state)
+        out = sequence_dropout(out, self.dropout, self.training, self.locked_dropout)
         logits = self.linear(out.reshape(-1, out.shape[-1]))
         return logits, state
 
@@ -61,8 +98,7 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
     check_finite_weights(ckpt, checkpoint)
     cfg = ckpt["config"]
     dictionary = Dictionary(ckpt["vocab"])
-    model = RNNLM(len(dictionary), cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
-                  backend=backend or cfg["backend"]).to(device)
+    model = RNNLM.from_config(cfg, len(dictionary), backend).to(device)
     load_weights(model, ckpt["model"], checkpoint)
     model.eval()
     return model, dictionary, ckpt

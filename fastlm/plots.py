@@ -17,6 +17,18 @@ def _pyplot():
     return plt
 
 
+def log_axis(ax) -> None:
+    """A log-scale y axis labelled in plain numbers at 1, 2 and 5 per decade: over a narrow range
+    (perplexities from 150 to 400, say) matplotlib's default labels only the powers of ten, often
+    one or two of them."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def curves(path: Path, panels: list[dict], title: str) -> Path:
     """Side-by-side line charts. Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "log": bool}."""
     plt = _pyplot()
@@ -28,7 +40,7 @@ def curves(path: Path, panels: list[dict], title: str) -> Path:
         ax.set_xlabel(panel["xlabel"])
         ax.set_ylabel(panel["ylabel"])
         if panel.get("log"):
-            ax.set_yscale("log")
+            log_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

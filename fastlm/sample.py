@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import available_bytes, pick_device
-from fastlm.data import EOS
+from fastlm.checkpoint import checkpoint_path
+from fastlm.data import EOS, UNK
 from fastlm.errors import UsageError
 from fastlm.model import load_model
 from fastlm.sampling import STRATEGIES, encode_prompt, generate, to_text
@@ -47,25 +49,31 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m fastlm.sample", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder or a .pt file in it")
     p.add_argument("--strategy", choices=STRATEGIES, default="multinomial",
-                   help="multinomial samples from the softmax; greedy takes the arg-max")
-    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
+                   help="multinomial samples from the softmax; greedy takes the arg-max (default: multinomial)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative (default: 1.0)")
     p.add_argument("--top-k", type=int, help="sample only among the k most likely words")
     p.add_argument("--top-p", type=float, help="sample only among the most likely words holding this mass")
-    p.add_argument("--prompt", default="", help="words fed first to set the state")
-    p.add_argument("--num-words", type=int, default=50, help="words to generate per sample")
-    p.add_argument("--num-samples", type=int, default=1, help="samples generated together in one batch")
+    p.add_argument("--prompt", default="", help="words fed first to set the state (default: none, the first word "
+                   "is drawn uniformly)")
+    p.add_argument("--num-words", type=int, default=50, help="words to generate per sample (default: 50)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples generated together in one batch (default: 1)")
     p.add_argument("--seed", type=int, help="same seed, same text (default: random, printed)")
     p.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first <eos>")
-    p.add_argument("--out", default="sample.txt", help="where the text goes (<eos> written as a newline)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="where the text goes, <eos> written as a newline (default: sample.txt in the "
+                   "checkpoint's run folder)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     args = p.parse_args(argv)
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else checkpoint_path(args.checkpoint).parent / "sample.txt"
     check_output_file(out)
     device = pick_device(args.device)
     model, dictionary, _ = load_model(args.checkpoint, device)
     check_batch_fits(args.num_samples, model, device)
-    prompt = encode_prompt(args.prompt.split(), dictionary)
+    words = args.prompt.split()
+    unknown = sorted({word for word in words if word not in dictionary})
+    if unknown and UNK in dictionary:
+        print(f"note: prompt words not in the vocabulary, read as {UNK}: {', '.join(unknown)}", file=sys.stderr)
+    prompt = encode_prompt(words, dictionary)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     samples = generate(model, args.num_words, num_samples=args.num_samples, prompt=prompt, strategy=args.strategy,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, text in enumerate(texts, 1):
         print(f"--- sample {k} ---" if len(texts) > 1 else "---")
         print(text)
-    print(f"--- wrote {len(texts)} sample(s) to {args.out} (seed {seed})")
+    print(f"--- wrote {len(texts)} sample(s) to {out} (seed {seed})")
     return 0
 
 

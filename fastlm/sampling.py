@@ -5,8 +5,6 @@ likely words, then keep the smallest set of words whose probability mass reaches
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -57,12 +55,10 @@ def next_words(logits: Tensor, strategy: str = "multinomial", temperature: float
 
 
 def encode_prompt(words: list[str], dictionary: Dictionary) -> list[int]:
-    """Word ids of a prompt; unknown words become <unk> with a warning naming them."""
+    """Word ids of a prompt; words outside the vocabulary read as <unk> (an error without one)."""
     unknown = [w for w in words if w not in dictionary]
-    if unknown:
-        if UNK not in dictionary:
-            raise UsageError(f"prompt words not in the vocabulary and no {UNK} to map them to: {', '.join(unknown)}")
-        warnings.warn(f"prompt words not in the vocabulary, read as {UNK}: {', '.join(unknown)}", stacklevel=2)
+    if unknown and UNK not in dictionary:
+        raise UsageError(f"prompt words not in the vocabulary and no {UNK} to map them to: {', '.join(unknown)}")
     return [dictionary.word2idx.get(w, dictionary.word2idx.get(UNK)) for w in words]
 
 

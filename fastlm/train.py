@@ -5,7 +5,8 @@ import argparse
 from dataclasses import fields
 
 from fastlm.cli import ArgumentParser, EXIT_INTERRUPTED, run_main
-from fastlm.config import RESUMABLE_OVERRIDES, TrainConfig, add_flag
+from fastlm.config import (RESUMABLE_OVERRIDES, TrainConfig, TrainingError, add_flag, describe_recipes,
+                           recipe_config)
 from fastlm.trainer import train
 
 
@@ -21,8 +22,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     resume = args.pop("resume", None)
+    recipe = args.pop("recipe", None)
+    if recipe == "list":
+        print(describe_recipes())
+        return 0
     if resume is None:
-        result = train(TrainConfig(**args))
+        result = train(recipe_config(recipe, args) if recipe else TrainConfig(**args))
+    elif recipe:
+        raise TrainingError(f"a resumed run keeps the settings it was started with: drop --recipe {recipe}")
     else:
         result = train(TrainConfig(), resume=resume, overrides=args)
     return EXIT_INTERRUPTED if result.interrupted else 0

@@ -115,7 +115,7 @@ def _captured_step(net, model: RNNLM, optimizer, cfg: TrainConfig, device: torch
         problem = f"the capture failed ({(str(err).splitlines() or [type(err).__name__])[0]})"
     if problem is None:
         return stepper, optimizer
-    optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict())
+    optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict(), kind=cfg.optimizer)
     backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=False)
     switched = f", LSTM backend {backend}" if backend != model.lstm.backend else ""
     model.lstm.backend = backend
@@ -224,8 +224,7 @@ class Run:
         check_fits(cfg, len(self.corpus.dictionary), device)
         self.graphs = _graphs_for(cfg, device, self.world, self.scaler, self.say)
         backend = resolve_backend(cfg.backend, device, self.amp_dtype, graphed=self.graphs is not None)
-        self.model = RNNLM(len(self.corpus.dictionary), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
-                           backend=backend).to(device)
+        self.model = RNNLM.from_config(asdict(cfg), len(self.corpus.dictionary), backend).to(device)
         if device.type == "cpu":
             check_cpu_can_multiply(self.amp_dtype)
             retain_freed_memory()  # no page faults on freshly mapped tensors every step
@@ -235,7 +234,7 @@ class Run:
         if ckpt:
             load_weights(self.model, ckpt["model"], "the checkpoint")
         self.optimizer = make_optimizer(self.model, cfg.lr, capturable=self.graphs is not None,
-                                        state=ckpt["optimizer"] if ckpt else None)
+                                        state=ckpt["optimizer"] if ckpt else None, kind=cfg.optimizer)
         if ckpt:
             self.load_state_dict(ckpt)
             self.say(f"Resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch} "
@@ -254,16 +253,7 @@ class Run:
             f"LSTM backend {model.lstm.backend}, {'CUDA graphs' if self.graphs else 'eager steps'}, "
             f"run folder {self.run_dir}"
         )
-        if self.graphs is None:
-            self.stepper = GraphedStep(self.net, self.optimizer, local_batch, cfg.seq_len, cfg.clip, self.amp_dtype,
-                                       None, self.scaler)
-        else:
-            first_window = next(iter(tbptt_windows(self.train_data, cfg.seq_len, start=self.step)))
-            self.stepper, self.optimizer = _captured_step(
-                self.net, model, self.optimizer, cfg, self.device, local_batch, self.amp_dtype, self.graphs,
-                first_window, self.carried if self.step > 0 else None, self.say)
-            if self.stepper.graph is None:
-                self.graphs = None
+        self._build_step()
         # Validation and test batches have the same shape: one forward, captured once, serves them all.
         self.eval_forward = None
         if self.graphs is not None:
@@ -274,6 +264,22 @@ class Run:
                 self.say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
         if self.eval_forward is None:
             self.eval_forward = GraphedForward(model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype)
+
+    def _build_step(self) -> None:
+        """The training step: captured (and checked) when the run has graphs, else eager."""
+        cfg, local_batch = self.cfg, self.train_data.shape[0]
+        if self.graphs is None:
+            self.stepper = GraphedStep(self.net, self.optimizer, local_batch, cfg.seq_len, cfg.clip, self.amp_dtype,
+                                       None, self.scaler)
+            return
+        window = next(iter(tbptt_windows(self.train_data, cfg.seq_len, start=self.step)))
+        carried = getattr(self, "stepper", None)
+        state = carried.state if carried is not None else (self.carried if self.step > 0 else None)
+        self.stepper, self.optimizer = _captured_step(
+            self.net, self.model, self.optimizer, cfg, self.device, local_batch, self.amp_dtype, self.graphs, window,
+            state, self.say)
+        if self.stepper.graph is None:
+            self.graphs = None
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -378,7 +384,8 @@ class Run:
         self.bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}")
         self.record(split="train", epoch=self.epoch + 1, step=self.step, global_step=self.global_step,
                     loss=mean_loss, ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s,
-                    time=self.training_seconds(), teacher_forcing=self.teacher_forcing)
+                    time=self.training_seconds(), teacher_forcing=self.teacher_forcing,
+                    lr=self.optimizer.param_groups[0]["lr"])
         self.result.train_losses.append(mean_loss)
         self.steps_since_log, self.last_log_time = 0, now
 
@@ -401,7 +408,18 @@ class Run:
         if valid_loss < self.best_valid:
             self.best_valid = valid_loss
             self.save(self.state_dict(None), BEST)
+        elif self.cfg.lr_decay != 1:
+            self.anneal()
         self.save(self.state_dict(None), CHECKPOINT)
+
+    def anneal(self) -> None:
+        """Divide the learning rate by --lr-decay (validation did not improve); a captured step holds
+        the old rate, so it is captured again."""
+        for group in self.optimizer.param_groups:
+            group["lr"] /= self.cfg.lr_decay
+        self.say(f"Validation did not improve: learning rate now {self.optimizer.param_groups[0]['lr']:.4g}")
+        if self.stepper.graph is not None:
+            self._build_step()
 
     def test(self) -> None:
         """Test perplexity of the last weights, then of the best-by-validation ones."""

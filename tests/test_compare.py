@@ -83,3 +83,22 @@ def test_evaluate_refuses_a_batch_that_scores_nothing_or_is_not_positive(tiny_ru
         with pytest.raises(SystemExit) as exit_info:
             run_main(evaluate_main, ["--checkpoint", str(tiny_run), "--batch-size", batch, "--device", "cpu"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_log_scale_axes_label_several_ticks_over_a_narrow_range(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastlm.plots import log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [160, 240, 390])
+    log_axis(ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t, value in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= value <= high]
+    plt.close(fig)
+    assert labels == ["200"] or len([text for text in labels if text]) >= 2, labels
+    assert all(text.strip("$").replace(".", "").isdigit() for text in labels if text)

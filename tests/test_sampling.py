@@ -130,15 +130,20 @@ def test_command_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "sample.txt"
     argv = ["--checkpoint", str(tiny_run), "--prompt", "w1 zebra", "--num-words", "30", "--num-samples", "2",
             "--seed", "7", "--out", str(out), "--device", "cpu"]
-    with pytest.warns(UserWarning, match="read as <unk>: zebra"), pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:
         run_main(sample_main, argv)
     assert exit_info.value.code == 0
     text = out.read_text()
     assert "<eos>" not in text and text.startswith("w1 <unk>")
-    first = capsys.readouterr().out
-    with pytest.warns(UserWarning), pytest.raises(SystemExit):
+    first = capsys.readouterr()
+    assert first.err == "note: prompt words not in the vocabulary, read as <unk>: zebra\n"
+    with pytest.raises(SystemExit):
         run_main(sample_main, argv)
-    assert capsys.readouterr().out == first  # same seed, same text
+    assert capsys.readouterr().out == first.out  # same seed, same text
+    with pytest.raises(SystemExit):  # no --out: beside the checkpoint, in the run folder
+        run_main(sample_main, argv[:-4] + ["--device", "cpu"])
+    assert (tiny_run / "sample.txt").read_text() == text and f"to {tiny_run / 'sample.txt'}" in capsys.readouterr().out
+    (tiny_run / "sample.txt").unlink()
     with pytest.raises(SystemExit) as exit_info:
         run_main(sample_main, ["--checkpoint", str(tiny_run), "--temperature", "0", "--device", "cpu"])
     assert exit_info.value.code == 2 and "temperature must be > 0" in capsys.readouterr().err
