@@ -93,6 +93,9 @@ def _conclusion(tf: dict, fr: dict, target: float, steps: int) -> str:
             f"{reach(tf)}, the free-running one at {reach(fr)}. ")
     for pair in tf["distances"]:
         d_tf, d_fr = tf["distances"][pair], fr["distances"][pair]
+        if f"{d_tf:.3f}" == f"{d_fr:.3f}":
+            text += f"The cosine distance of {pair} is {d_tf:.3f} in both models (equal to three digits). "
+            continue
         closer = "teacher-forced" if d_tf < d_fr else "free-running"
         text += (f"The cosine distance of {pair} is {d_tf:.3f} in the teacher-forced model and {d_fr:.3f} in the "
                  f"free-running one, so the {closer} model places them closer. ")
@@ -215,10 +218,18 @@ def compare_detach(base: TrainConfig, chunks: int, out_dir: Path) -> dict:
         if cuda:
             row += f" {a['cuda_peak_bytes'] / MB:.1f} | {b['cuda_peak_bytes'] / MB:.1f} |"
         lines.append(row)
-    lines += ["", f"With detach the graph holds {d[0]['graph_bytes'] / MB:.2f} MiB at every window and is freed by "
-              f"each backward. Without it, window k's loss back-propagates through all k windows, so the graph "
-              f"grows by {growth / MB:.2f} MiB per window (to {n[-1]['graph_bytes'] / MB:.2f} MiB after {chunks}) "
-              f"and the step time grows with it ({n[0]['step_s']:.3f} s to {n[-1]['step_s']:.3f} s).", "",
+    held = sorted({round(m["graph_bytes"] / MB, 2) for m in d})
+    held = f"{held[0]:.2f} MiB at every window" if len(held) == 1 else f"{held[0]:.2f} to {held[-1]:.2f} MiB"
+    if chunks == 1:
+        without = "With one window there is no later window to compare: pass --chunks 2 or more."
+    else:
+        first, last = n[0]["step_s"], n[-1]["step_s"]
+        timing = (f"and the step time grew with it ({first:.3f} s to {last:.3f} s)" if last > 1.2 * first else
+                  f"while the step time shows no clear growth ({first:.3f} s to {last:.3f} s, one timing each)")
+        without = (f"Without it, window k's loss back-propagates through all k windows, so the graph grows by "
+                   f"{growth / MB:.2f} MiB per window (to {n[-1]['graph_bytes'] / MB:.2f} MiB after {chunks}), "
+                   f"{timing}.")
+    lines += ["", f"With detach the graph holds {held} and is freed by each backward. {without}", "",
               "![graph](unrolled_graph.png)", "",
               f"In the picture, a backward from window 2's loss visits {nodes['nodes_with_detach']} autograd nodes "
               f"with detach and {nodes['nodes_without']} without (a tiny model, seq_len 3).", ""]

@@ -102,3 +102,12 @@ def test_log_scale_axes_label_several_ticks_over_a_narrow_range(tmp_path):
     plt.close(fig)
     assert labels == ["200"] or len([text for text in labels if text]) >= 2, labels
     assert all(text.strip("$").replace(".", "").isdigit() for text in labels if text)
+
+
+def test_the_conclusion_calls_equal_distances_equal():
+    from fastlm.comparison import _conclusion
+
+    run = {"valid_ppl": 100.0, "test_ppl": 99.0, "steps_to_target": 10, "distances": {"army/taxpayer": 0.93741}}
+    other = {**run, "valid_ppl": 100.5, "distances": {"army/taxpayer": 0.93708}}
+    text = _conclusion(run, other, 100.5, 50)
+    assert "is 0.937 in both models (equal to three digits)" in text and "places them closer" not in text
