@@ -114,8 +114,9 @@ def recipe_config(name: str, flags: dict) -> TrainConfig:
 
 def describe_recipes() -> str:
     lines = []
+    flag = lambda key, value: f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")  # noqa: E731
     for name, (settings, source) in RECIPES.items():
-        shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()) or "(the defaults)"
+        shown = " ".join(flag(k, v) for k, v in settings.items()) or "(the defaults)"
         lines.append(f"{name:9} {source}\n          {shown}")
     return "\n".join(lines)
 
@@ -191,13 +192,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient and Adam's two moments
+BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient and at most two optimizer moments (Adam's)
 
 
 def parameter_count(cfg: TrainConfig, vocab_size: int) -> int:
     lstm = sum(4 * cfg.hidden_size * ((cfg.embed_size if layer == 0 else cfg.hidden_size) + cfg.hidden_size + 2)
                for layer in range(cfg.num_layers))
-    return vocab_size * cfg.embed_size + lstm + vocab_size * (cfg.hidden_size + 1)
+    output = vocab_size * (1 if cfg.tied else cfg.hidden_size + 1)  # tied: only its bias is its own
+    return vocab_size * cfg.embed_size + lstm + output
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -218,7 +220,7 @@ def check_fits(cfg: TrainConfig, vocab_size: int, device: torch.device) -> None:
     needed, free = parameter_count(cfg, vocab_size) * BYTES_PER_PARAMETER, available_bytes(device)
     if free is not None and needed > free:
         raise TrainingError(f"the model needs {needed / 2**30:.1f} GiB for its {parameter_count(cfg, vocab_size):,} "
-                            f"parameters with their gradients and Adam's state, and {device} has "
+                            f"parameters with their gradients and optimizer state, and {device} has "
                             f"{free / 2**30:.1f} GiB free: use a smaller --hidden-size, --embed-size or --num-layers")
 
 
@@ -262,10 +264,14 @@ def check_config(cfg: TrainConfig) -> None:
                             f"--hidden-size (got {cfg.embed_size} and {cfg.hidden_size})")
     if cfg.init_range is not None and not 0 < cfg.init_range < math.inf:
         raise TrainingError(f"--init-range must be positive, got {cfg.init_range}")
+    scheduled = cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant"
+    if scheduled and (cfg.weight_drop or cfg.locked_dropout and cfg.dropout):
+        raise TrainingError("free running calls the model one word at a time, so --weight-drop and --locked-dropout "
+                            "would draw a mask per word, not per window: use plain --dropout with scheduled sampling")
     if cfg.vocab_size is not None and cfg.vocab_size < 2:
         raise TrainingError(f"--vocab-size must be at least 2 (a word and <unk>), got {cfg.vocab_size}")
     for name in ("eval_interval", "eval_tokens", "teacher_forcing_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    resolve_backend(cfg.backend, "cpu")  # raises ValueError naming the choices
+    resolve_backend(cfg.backend, "cpu")  # a UsageError naming the choices

@@ -104,9 +104,9 @@ class Corpus:
         counts = collections.Counter(words["train"])  # keys in the order first seen
         kept = list(counts)
         if max_vocab is not None and len(kept) > max_vocab:
-            # The most frequent words and <unk>, which stands for the rest (a stable sort: ties keep
-            # the order first seen), listed in the order first seen.
-            ranked = sorted(counts, key=lambda word: (word != UNK, -counts[word]))
+            # The most frequent words, <eos> (sampling stops at it) and <unk>, which stands for the rest
+            # (a stable sort: ties keep the order first seen), listed in the order first seen.
+            ranked = sorted(counts, key=lambda word: (word not in (UNK, EOS), -counts[word]))
             chosen = set(ranked[: max_vocab if UNK in counts else max_vocab - 1])
             kept = [word for word in counts if word in chosen]
         dictionary = Dictionary(kept)

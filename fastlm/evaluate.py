@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import pick_device
 from fastlm.data import Corpus, batchify_for_eval
+from fastlm.lstm import BACKENDS
 from fastlm.model import load_model
 from fastlm.trainer import evaluate, perplexity
 
@@ -16,15 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="data folder (default: the one the run trained on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-size", type=int, help="rows (default: the run's eval batch size)")
-    p.add_argument("--backend", help="LSTM backend (default: the run's)")
+    p.add_argument("--backend", choices=BACKENDS, help="LSTM backend (default: the run's)")
     args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
 
     device = pick_device(args.device)
     model, dictionary, ckpt = load_model(args.checkpoint, device, args.backend)
     cfg = ckpt["config"]
     corpus = Corpus(args.data or cfg["data"], dictionary)
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     batch_size = args.batch_size or cfg["eval_batch_size"]
     data = batchify_for_eval(getattr(corpus, args.split), batch_size, args.split, "--batch-size").to(device)
     loss = evaluate(model, data, cfg["seq_len"])

@@ -208,6 +208,20 @@ class GraphedForward:
             self._forward()
 
 
+def rng_states(device: torch.device) -> dict:
+    """The states of the generators a step on `device` draws from: the CPU's, and the device's own."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 class _Snapshot:
     """The values of the parameters, gradients, optimizer state and carried state of a step, to put
     back exactly. Tensors are held as the live objects (never `p.data`, a new object per call)."""
@@ -218,10 +232,11 @@ class _Snapshot:
                                 for p, s in step.optimizer.state.items()}
         self.grads = [(p, None if p.grad is None else p.grad.clone()) for _, p, _ in self.named]
         self.carried = [(t, t.clone()) for t in (step.h, step.c, step.loss_sum)]
-        # The CPU generator too: warm-up and trial steps draw dropout masks, and putting it back makes
-        # a (simulated) graphed run draw the masks an eager run draws. A CUDA generator is left alone:
-        # a captured graph advances it on every replay, which is what gives each replay fresh masks.
-        self.cpu_rng = torch.get_rng_state()
+        # The random generators too: warm-up and trial steps draw dropout masks. Put back, the next step
+        # (a replay, which draws from the generator's state at that moment, or an eager step) draws the
+        # masks an eager run would, and each replay advances the generator, so masks stay fresh.
+        self.device = step.device
+        self.rng = rng_states(step.device)
 
     def changed_parameters(self) -> list[str]:
         return [name for name, p, saved in self.named if not torch.equal(p.detach(), saved)]
@@ -244,8 +259,11 @@ class _Snapshot:
         for p, grad in self.grads:
             p.grad = grad
 
+    def restore_rng(self) -> None:
+        set_rng_states(self.rng, self.device)
+
     def _restore(self, step: GraphedStep, keep_new_state: bool) -> None:
-        torch.set_rng_state(self.cpu_rng)
+        self.restore_rng()
         for _, p, saved in self.named:
             p.copy_(saved)
         for t, saved in self.carried:
@@ -283,6 +301,7 @@ class GraphedStep:
         self.device_type = device.type
         self.inputs = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.targets = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+        self.device = device
         self.h, self.c = lm.init_state(batch_size, device)  # the static state the step reads and writes
         self.loss_sum = torch.zeros((), device=device)
         # A graph reads and writes the gradients it was captured with, so they must stay allocated:
@@ -355,6 +374,7 @@ class GraphedStep:
         with torch.no_grad(), autocast(self.device_type, self.amp_dtype):
             logits, _ = lm(inputs, (self.h, self.c))
             expected = F.cross_entropy(logits, targets.reshape(-1)).item()
+        trial.restore_rng()  # the replay draws the dropout masks that forward drew
         self.step(inputs, targets)
         replayed, replayed_updates = self.take_loss_sum(), trial.updates()
         trial.restore_keeping_new_state(self)

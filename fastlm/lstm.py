@@ -105,7 +105,7 @@ class LSTM(nn.LSTM):
         weight_drop: float = 0.0,
     ):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+            raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSTM {name} must be a positive integer, got {value!r}")

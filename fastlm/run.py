@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastlm import distributed
-from fastlm.checkpoint import BEST, CHECKPOINT, CheckpointError, first_line
+from fastlm.checkpoint import BEST, CHECKPOINT, first_line
 from fastlm.config import TrainingError
 
 
@@ -54,6 +54,10 @@ class StopFlag:
 
 
 METRICS = "metrics.jsonl"  # one JSON record per line: log points, validations, tests
+
+
+class RunFolderError(TrainingError):
+    """The run folder cannot be used or written; the message says what to change."""
 RUN_FILES = (CHECKPOINT, BEST, METRICS)
 
 
@@ -70,8 +74,6 @@ class RunFolder:
         self.path = Path(path)
         self._lock = None
 
-    def holds_run(self) -> bool:
-        return any((self.path / name).exists() for name in RUN_FILES)
 
     def open(self, fresh: bool) -> None:
         try:
@@ -93,12 +95,17 @@ class RunFolder:
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
         self._lock = lock
-        if fresh and self.holds_run():
+        if fresh and ((self.path / CHECKPOINT).exists() or (self.path / BEST).exists()):
             self.close()
             raise TrainingError(f"{self.path} already holds a run: continue it with --resume {self.path}, "
                                 "or pick another --out")
-        for stale in self.path.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        if fresh and (self.path / METRICS).exists():
+            self.close()
+            raise TrainingError(f"{self.path} holds the records of a run that saved no checkpoint (it diverged or was "
+                                f"stopped early): remove {self.path / METRICS}, or pick another --out")
+        for name in RUN_FILES:  # only the lock holder writes them, so their temporary files are stale
+            for stale in self.path.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -110,7 +117,11 @@ class RunFolder:
         cut back off, so readers never meet half a line."""
         path = self.path / METRICS
         line = (json.dumps(record) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunFolderError(f"cannot write {path} ({first_line(err)}): free some space or fix its "
+                                 "permissions, then --resume the run") from None
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
             written = 0
@@ -118,8 +129,8 @@ class RunFolder:
                 written += os.write(fd, line[written:])
         except OSError as err:
             os.ftruncate(fd, start)
-            raise CheckpointError(f"cannot write {path} ({first_line(err)}): its earlier records are intact; "
-                                  "free some space, then --resume the run") from None
+            raise RunFolderError(f"cannot write {path} ({first_line(err)}): its earlier records are intact; "
+                                 "free some space, then --resume the run") from None
         finally:
             os.close(fd)
 
@@ -138,8 +149,13 @@ class RunFolder:
             if record.get("global_step", 0) <= global_step:
                 kept.append(line + "\n")
         tmp = path.with_name(f".{METRICS}.{os.getpid()}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RunFolderError(f"cannot rewrite {path} ({first_line(err)}): it is as it was; free some space, "
+                                 "then --resume the run") from None
 
 
 def rng_state() -> dict:

@@ -20,10 +20,10 @@ def check_output_file(path: Path) -> None:
     """Refuse, before any work, an --out that is a folder, a checkpoint or in a place that cannot be written."""
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder: name a file, e.g. {path / 'sample.txt'}")
-    if path.suffix in (".pt", ".pth") or path.is_file() and path.open("rb").read(4) == b"PK\x03\x04":
-        raise UsageError(f"--out {path} is a checkpoint (or named like one): samples never overwrite one, "
-                         "name a .txt file")
     try:
+        if path.suffix in (".pt", ".pth") or path.is_file() and path.read_bytes()[:4] == b"PK\x03\x04":
+            raise UsageError(f"--out {path} is a checkpoint (or named like one): samples never overwrite one, "
+                             "name a .txt file")
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
             pass
     except OSError as err:

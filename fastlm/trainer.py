@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from fastlm import distributed
 from fastlm.allocator import retain_freed_memory
-from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, check_finite_weights, checkpoint_path, load_checkpoint,
-                               save_checkpoint)
+from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, FORMAT, CheckpointError, check_finite_weights,
+                               checkpoint_path, load_checkpoint, save_checkpoint)
 from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config,
                            check_cpu_can_multiply, check_fits, cpu_multiplies_bf16, pick_device, resume_config,
                            use_device)
@@ -145,14 +145,24 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
     device = pick_device(cfg.device)
     world = distributed.join(cuda=device.type == "cuda")
     try:
+        if world.enabled and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        use_device(device)
         if world.enabled and cfg.out is None:
             raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
         folder = RunFolder(Path(cfg.out) if cfg.out else new_run_dir())
         in_place = source is not None and folder.path.resolve() == source.parent.resolve()
         if in_place and source.name != CHECKPOINT:
             _refuse_rolling_back(folder.path, source, ckpt)
-        if world.is_main:
-            folder.open(fresh=not in_place)
+        problem = None
+        if world.is_main:  # rank 0 owns the folder; every rank learns whether it may go on
+            try:
+                folder.open(fresh=not in_place)
+            except TrainingError as err:
+                problem = err
+        refused = torch.tensor([float(problem is not None)], device=distributed.collective_device())
+        if distributed.sum_(refused).item():
+            raise problem or TrainingError(f"rank 0 could not use {folder.path} as the run folder (it says why)")
         try:
             if in_place and world.is_main:
                 folder.keep_records_up_to(ckpt["global_step"])  # a crash after them: the resumed run repeats them
@@ -167,11 +177,13 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
 def _refuse_rolling_back(run_dir: Path, source: Path, ckpt: dict) -> None:
     """Resuming from best.pt (or another file) in its own folder would overwrite a later checkpoint.pt."""
     latest = run_dir / CHECKPOINT
-    if latest.is_file():
+    try:
         step = load_checkpoint(latest)["global_step"]
-        if step != ckpt["global_step"]:
-            raise TrainingError(f"resuming from {source} (step {ckpt['global_step']}) in {run_dir} would overwrite "
-                                f"{latest} (step {step}): pass --out NEW_FOLDER to continue from {source.name} there")
+    except CheckpointError:  # none, or unreadable: nothing to protect
+        return
+    if step != ckpt["global_step"]:
+        raise TrainingError(f"resuming from {source} (step {ckpt['global_step']}) in {run_dir} would overwrite "
+                            f"{latest} (step {step}): pass --out NEW_FOLDER to continue from {source.name} there")
 
 
 class Run:
@@ -180,12 +192,12 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World,
                  clock: Callable[[], float], folder: RunFolder, saved_step: int | None = None):
-        if world.enabled and device.type == "cuda":
-            device = torch.device("cuda", world.local_rank)
-        use_device(device)
         if world.enabled and cfg.teacher_forcing < 1:
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")
+        if world.enabled and (cfg.dropout or cfg.weight_drop):
+            raise TrainingError("dropout and weight drop are not supported under torchrun yet (every rank would draw "
+                                "the same masks for its rows): train them in one process")
         self.cfg, self.device, self.world, self.clock = cfg, device, world, clock
         self.folder, self.run_dir = folder, folder.path
         self.saved_step = saved_step  # the global step checkpoint.pt holds, None while there is none
@@ -344,7 +356,7 @@ class Run:
     def say_first_step(self) -> None:
         """A first line at once, not after --log-interval steps: what a step costs, when the run ends."""
         seconds = self.clock() - self.start_time
-        self.say(f"First step done in {seconds:.2f} s (set-up included); at that pace the "
+        self.say(f"First step done in {seconds:.2f} s; at that pace the "
                  f"{self.planned_steps_in_total() - self.start_step} steps of this run take {self.eta(seconds)}, "
                  f"and the first log line comes at step {self.cfg.log_interval}")
 
@@ -475,7 +487,7 @@ class Run:
         """The checkpoint at the current position: everything `load_state_dict` needs to resume
         exactly, `carried` being the (h, c) a mid-epoch position continues from."""
         return {
-            "format": 1,
+            "format": FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "config": asdict(self.cfg),

@@ -62,9 +62,9 @@ def test_a_checkpoints_vocabulary_without_unk_cannot_read_new_words(tmp_path):
 
 
 @pytest.mark.parametrize("train, cap, vocabulary", [
-    ("d a b a c a b <unk>\n", 3, ["a", "b", "<unk>"]),  # <unk> is a word of the text: it stays, in its place
-    ("d a b a c a b\n", 3, ["a", "b", "<unk>"]),  # not a word of the text: it takes the last place
-    ("c b a\n", 3, ["c", "b", "<unk>"]),  # ties: the first seen first
+    ("d a b a c a b <unk>\n", 3, ["a", "<unk>", "<eos>"]),  # <unk> and <eos> always stay, in their places
+    ("d a b a c a b a b\n", 4, ["a", "b", "<eos>", "<unk>"]),  # no <unk> in the text: it comes last
+    ("c b a\n", 3, ["c", "<eos>", "<unk>"]),  # ties: the first seen first
     ("a b\n", 10, ["a", "b", "<eos>"]),  # a cap above the vocabulary changes nothing
 ], ids=["unk-in-text", "unk-added", "ties-first-seen", "cap-above"])
 def test_vocab_size_keeps_the_most_frequent_words(tmp_path, train, cap, vocabulary):

@@ -111,6 +111,10 @@ def test_weight_drop_draws_one_mask_per_window_for_all_its_steps(monkeypatch):
 # -- tied weights ----------------------------------------------------------------------------------
 
 def test_tied_weights_are_one_tensor_and_untied_keep_the_tutorial_keys():
+    keys = ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
+            "linear.weight", "linear.bias"]
+    assert list(RNNLM(30, 16, 16, dropout=0.5, weight_drop=0.5).state_dict()) == keys
+    assert list(RNNLM(30, 16, 16, tied=True).state_dict()) == keys, "tied: the same keys, one tensor behind two"
     tied = RNNLM(30, 16, 16, tied=True)
     assert tied.linear.weight is tied.embed.weight
     assert len(list(tied.parameters())) == len(list(RNNLM(30, 16, 16).parameters())) - 1
@@ -178,6 +182,16 @@ REGULARISED = dict(dropout=0.3, locked_dropout=True, weight_drop=0.2, num_layers
                    lr_decay=2.0, tied=True, init_range=0.1)
 
 
+def test_a_regularised_run_with_the_fused_kernel_resumes_exactly(corpus_dir, tmp_path):
+    # Interpreted, so fewer steps; the split lands mid-epoch all the same.
+    regularised = {**REGULARISED, "embed_size": 16, "hidden_size": 16}
+    straight = train(tiny(corpus_dir, tmp_path / "straight", max_steps=12, log_interval=1, backend="triton",
+                          **regularised))
+    first = train(tiny(corpus_dir, tmp_path / "split", max_steps=6, log_interval=1, backend="triton", **regularised))
+    second = train(TrainConfig(), resume=str(tmp_path / "split"), overrides={"max_steps": 12})
+    assert first.train_losses + second.train_losses == straight.train_losses
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_a_regularised_run_resumes_exactly(corpus_dir, tmp_path, backend):
     # Epochs of 132 steps: the split at 150 is inside the second; dropout draws from the saved RNG.
@@ -189,17 +203,43 @@ def test_a_regularised_run_resumes_exactly(corpus_dir, tmp_path, backend):
     assert len(set(straight.train_losses[:20])) == 20
 
 
-def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir, tmp_path, monkeypatch):
+def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir, tmp_path, monkeypatch, capsys):
     eager = train(tiny(corpus_dir, tmp_path / "eager", epochs=2, log_interval=1, **REGULARISED))
     monkeypatch.setenv("FASTLM_SIMULATE_CUDA_GRAPHS", "1")
+    capsys.readouterr()
     graphed = train(tiny(corpus_dir, tmp_path / "graphed", epochs=2, log_interval=1, **REGULARISED))
+    out = capsys.readouterr().out
+    assert "CUDA graphs," in out and "CUDA graphs off" not in out, "the self-check passes with dropout on"
     assert graphed.train_losses == eager.train_losses, "the same masks, drawn fresh at every replay"
+
+
+def test_the_snapshot_of_a_cuda_step_covers_its_generator(monkeypatch):
+    from fastlm.graphs import rng_states, set_rng_states
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or "cuda-state")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state, device)))
+    gpu = torch.device("cuda", 1)
+    states = rng_states(gpu)
+    assert states["cuda"] == "cuda-state" and torch.equal(states["cpu"], torch.get_rng_state())
+    set_rng_states(states, gpu)
+    assert calls == [("get", gpu), ("set", "cuda-state", gpu)]
+
+
+def test_masks_that_would_be_drawn_per_word_are_refused_with_scheduled_sampling(corpus_dir, tmp_path):
+    from fastlm.config import TrainingError, check_config
+
+    for extra in ({"weight_drop": 0.2}, {"dropout": 0.2, "locked_dropout": True}):
+        with pytest.raises(TrainingError, match="would draw a mask per word, not per window"):
+            check_config(tiny(corpus_dir, tmp_path, teacher_forcing=0.5, **extra))
+    check_config(tiny(corpus_dir, tmp_path, teacher_forcing=0.5, dropout=0.2))
 
 
 def test_recipes_set_what_they_say_and_flags_override_them(capsys):
     small = recipe_config("small", {})
     assert {k: getattr(small, k) for k in RECIPES["small"][0]} == RECIPES["small"][0] and small.recipe == "small"
-    assert recipe_config("small", {"epochs": 1, "dropout": 0.0}).epochs == 1
+    overridden = recipe_config("small", {"epochs": 1, "dropout": 0.0, "optimizer": "adam"})
+    assert (overridden.epochs, overridden.dropout, overridden.optimizer, overridden.tied) == (1, 0.0, "adam", True)
     assert recipe_config("tutorial", {}) == dataclasses.replace(TrainConfig(), recipe="tutorial")
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_main, ["--recipe", "list"])
@@ -211,8 +251,19 @@ def test_recipes_set_what_they_say_and_flags_override_them(capsys):
 
 
 def test_the_plot_tool_draws_the_curves_of_several_runs(tiny_run, tmp_path):
+    from fastlm.plot import run_curves
+
+    other = tmp_path / "other"
+    other.mkdir()
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    (other / "metrics.jsonl").write_text("".join(json.dumps({**r, "loss": r.get("loss", 0) * 2}) + "\n"
+                                                 for r in records))
+    (train_steps, train_loss), (valid_steps, valid_ppl) = run_curves(tiny_run)
+    assert train_steps == [r["global_step"] for r in records if r["split"] == "train"]
+    assert valid_ppl == [r["ppl"] for r in records if r["split"] == "valid" and "tokens" not in r]
+    assert run_curves(other)[0][1] == [2 * loss for loss in train_loss]
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, "-m", "fastlm.plot", str(tiny_run), str(tiny_run), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fastlm.plot", str(tiny_run), str(other), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and proc.stdout.strip() == f"wrote {out}"

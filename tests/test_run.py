@@ -12,10 +12,10 @@ import torch
 
 from fastlm import checkpoint as checkpoint_module
 from fastlm import run as run_module
-from fastlm.checkpoint import CheckpointError, load_checkpoint
+from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig, TrainingError
-from fastlm.run import RunFolder
+from fastlm.run import RunFolder, RunFolderError
 from fastlm.train import main as train_main
 from fastlm.trainer import train
 
@@ -84,17 +84,27 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(corpus_dir, tmp_path, cap
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+def test_a_folder_with_only_the_records_of_a_run_says_how_to_start_over(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"split": "train", "global_step": 1, "loss": NaN}\n')
+    code, err = cli(["--data", corpus_dir, "--out", run, "--device", "cpu"], capsys)
+    assert code == 2 and "holds the records of a run that saved no checkpoint" in err and "remove" in err
+
+
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(corpus_dir, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastlm.run import RunFolder; "
                                f"folder = RunFolder({str(run)!r}); folder.open(fresh=True); print('locked', flush=True); "
                                "time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(TrainingError, match=rf"is in use by another training \(pid {holder.pid}\): wait for it"):
-        train(tiny(corpus_dir, run, max_steps=2))
-    holder.kill()  # SIGKILL: no chance to clean up
-    holder.wait()
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainingError, match=rf"is in use by another training \(pid {holder.pid}\): wait for it"):
+            train(tiny(corpus_dir, run, max_steps=2))
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
     assert train(tiny(corpus_dir, run, max_steps=2)).global_step == 2
 
 
@@ -167,7 +177,7 @@ def test_a_record_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(run_module.os, "write", half_then_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*earlier records are intact"):
+    with pytest.raises(RunFolderError, match="No space left on device.*earlier records are intact"):
         folder.append({"split": "train", "global_step": 2, "loss": 2.4})
     assert (folder.path / "metrics.jsonl").read_bytes() == intact
     folder.close()

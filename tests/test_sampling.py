@@ -140,10 +140,13 @@ def test_command_line(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main(sample_main, argv)
     assert capsys.readouterr().out == first.out  # same seed, same text
-    with pytest.raises(SystemExit):  # no --out: beside the checkpoint, in the run folder
-        run_main(sample_main, argv[:-4] + ["--device", "cpu"])
-    assert (tiny_run / "sample.txt").read_text() == text and f"to {tiny_run / 'sample.txt'}" in capsys.readouterr().out
-    (tiny_run / "sample.txt").unlink()
+    try:
+        with pytest.raises(SystemExit):  # no --out: beside the checkpoint, in the run folder
+            run_main(sample_main, argv[:-4] + ["--device", "cpu"])
+        assert (tiny_run / "sample.txt").read_text() == text
+        assert f"to {tiny_run / 'sample.txt'}" in capsys.readouterr().out
+    finally:
+        (tiny_run / "sample.txt").unlink(missing_ok=True)
     with pytest.raises(SystemExit) as exit_info:
         run_main(sample_main, ["--checkpoint", str(tiny_run), "--temperature", "0", "--device", "cpu"])
     assert exit_info.value.code == 2 and "temperature must be > 0" in capsys.readouterr().err
