@@ -2,12 +2,13 @@
 # The one script for a lent GPU (an H200): one call that decides, in under 5 minutes with Triton's
 # cold compiles, so that one slot of device time can run it twice. In order (timeouts in brackets):
 #   1. the kernel tests on the compiled kernel                                          [55 s]
-#   2. the block-configuration sweep, its winners written to kernels/step_configs.json  [65 s]
+#   2. the block-configuration sweep, its winners written to kernels/step_configs.json  [60 s]
 #   3. benchmarks: the layer (fused, cuDNN, cuDNN persistent fp16 at B=16/24) and the step
-#      (graphed fused, graphed cuDNN, eager cuDNN bf16, eager fp32, plain loop, matmul floor)  [60 s]
-#   4. the full default run, 5 epochs (CUDA graphs + bf16 + the fused kernel)          [80 s]
-#   5. python -m benchmarks.gpu_summary: PASS/FAIL lines and summary.json               [15 s]
-# The timeouts add to 275 s; machine facts and registering the checkout take a few more.
+#      (graphed fused, graphed cuDNN, eager cuDNN bf16, eager fp32, plain loop, matmul floor)  [50 s]
+#   4. the full default run, 5 epochs (CUDA graphs + bf16 + the fused kernel)          [75 s]
+#   5. 300 steps of --recipe small (dropout, tied, SGD): graphed too?                   [35 s]
+#   6. python -m benchmarks.gpu_summary: PASS/FAIL lines and summary.json               [15 s]
+# The timeouts add to 290 s; machine facts and registering the checkout take a few more.
 # Exit 0 only when every part ran and every check passed. It downloads nothing: the only install
 # registers this checkout (pip -e, --no-deps --no-index) so that kernels/ imports as fastlm.kernels.
 #
@@ -42,17 +43,21 @@ timeout 55 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not co
 echo "${PIPESTATUS[0]}" >"$out/kernel_tests.status"
 
 step "block-configuration sweep (bf16, B=20 and B=64, H=1024, forward and backward, graph replays)"
-timeout 65 $py -m benchmarks.tune_step --seconds 30 --report "$out/tune_step.json" 2>&1 | tee "$out/tune_step.txt" || status=1
+timeout 60 $py -m benchmarks.tune_step --seconds 25 --report "$out/tune_step.json" 2>&1 | tee "$out/tune_step.txt" || status=1
 cp kernels/step_configs.json "$out/"
 
 step "layer and step benchmarks"
-timeout 60 $py -m pytest -q -p no:cacheprovider benchmarks/test_lstm_layer.py benchmarks/test_train_step.py \
+timeout 50 $py -m pytest -q -p no:cacheprovider benchmarks/test_lstm_layer.py benchmarks/test_train_step.py \
     --benchmark-only -k "(test_lstm_layer and B20-T30-E128-H1024 and not reference) or persistent or train" 2>&1 \
     | tee "$out/benchmarks.txt" || status=1
 find benchmarks/results -name 'cuda-*.json' -newer "$out/.gpu_check" -exec cp {} "$out/" \;  # this call's only
 
 step "the full default run: 5 epochs, CUDA graphs + bf16"
-timeout 80 $py -m fastlm.train --out "$out/run-full" 2>&1 | tee "$out/train_full.txt" || status=1
+timeout 75 $py -m fastlm.train --out "$out/run-full" 2>&1 | tee "$out/train_full.txt" || status=1
+
+step "300 steps of the small recipe: dropout, tied weights and SGD under CUDA graphs"
+timeout 35 $py -m fastlm.train --recipe small --max-steps 300 --out "$out/run-small" 2>&1 | tee "$out/train_small.txt" \
+    || status=1
 
 step "summary"
 timeout 15 $py -m benchmarks.gpu_summary "$out" || status=1

@@ -6,8 +6,9 @@ Reads what benchmarks/gpu_check.sh left in OUTDIR: the kernel tests' exit status
 table, the benchmark results (cuda-*.json) and the full default run (run-full/). Asserts:
 
 - the kernel tests passed on the compiled kernel;
-- the default run took the GPU's default path: CUDA graphs with the fused kernel, no eager fallback
-  (a fallback trains well too, and would otherwise pass unnoticed);
+- the default run, and 300 steps of the small recipe (dropout, SGD), took the GPU's default path:
+  CUDA graphs with the fused kernel, no eager fallback (a fallback trains well too, and would
+  otherwise pass unnoticed);
 - the default run's validation perplexity after epoch 1 is within 5% of the CPU's fp32 figure;
 - the run's final parameters are not degenerate: every tensor finite and not constant (the first
   review found a capture that zeroed the model, which trains a unigram model from the output bias).
@@ -40,6 +41,16 @@ def degenerate_parameters(model_state: dict) -> list[str]:
         elif values.numel() > 1 and values.std().item() < 1e-6:
             problems.append(f"{name} is constant ({values.flatten()[0].item():.3g})")
     return problems
+
+
+def _graphed_check(checks: dict, log_file: Path, run: str) -> str:
+    """Whether a run's log shows it graphed with the fused kernel, never falling back; its log."""
+    log = log_file.read_text() if log_file.is_file() else ""
+    fallback = next((line for line in log.splitlines() if "CUDA graphs off" in line), None)
+    planned = "LSTM backend triton, CUDA graphs" in log
+    checks[f"{run} is graphed, with the fused kernel"] = (
+        planned and fallback is None, fallback or ("as planned" if planned else "its first line names another path"))
+    return log
 
 
 def _records(run: Path) -> list[dict]:
@@ -76,11 +87,8 @@ def summarize(outdir: Path) -> dict:
     else:
         checks["parameters are not degenerate"] = (False, "no checkpoint.pt in run-full")
 
-    log = (outdir / "train_full.txt").read_text() if (outdir / "train_full.txt").is_file() else ""
-    fallback = next((line for line in log.splitlines() if "CUDA graphs off" in line), None)
-    checks["the default run is graphed, with the fused kernel"] = (
-        "LSTM backend triton, CUDA graphs" in log and fallback is None,
-        fallback or ("as planned" if "LSTM backend triton, CUDA graphs" in log else "its first line names another path"))
+    log = _graphed_check(checks, outdir / "train_full.txt", "the default run")
+    _graphed_check(checks, outdir / "train_small.txt", "the small recipe (dropout, SGD)")
     timing = re.search(r"Training time: ([\d.]+) s for (\d+) steps", log)
     tuned = outdir / "step_configs.json"
     return {

@@ -80,6 +80,7 @@ def _gpu_check_output(folder, epoch1_ppl: float, zero_output_layer: bool = False
         torch.nn.init.zeros_(model.linear.weight)
     torch.save({"model": model.state_dict()}, run / "checkpoint.pt")
     (folder / "train_full.txt").write_text(log + "Training time: 9.5 s for 7745 steps and 6 validation passes\n")
+    (folder / "train_small.txt").write_text(GRAPHED)
     (folder / "cuda-1.json").write_text(json.dumps({"results": [
         {"group": "g", "provider": "fastlm-graphs-bf16", "median_s": 0.001, "speedup_vs_baseline": 3.0}]}))
     return folder
@@ -93,7 +94,7 @@ def gpu_summary(folder):
 def test_gpu_summary_passes_a_sound_run_and_gathers_the_readme_figures(tmp_path):
     proc = gpu_summary(_gpu_check_output(tmp_path / "out", epoch1_ppl=145.0))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("PASS") == 4 and "FAIL" not in proc.stdout
+    assert proc.stdout.count("PASS") == 5 and "FAIL" not in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     run = summary["default_run"]
     assert run["valid_ppl_by_epoch"] == [145.0, 135.0] and run["training_seconds"] == 9.5 and run["steps"] == 7745
