@@ -19,7 +19,7 @@ from tqdm import tqdm
 from fastlm import distributed
 from fastlm.allocator import retain_freed_memory
 from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, FORMAT, CheckpointError, check_finite_weights,
-                               checkpoint_path, load_checkpoint, save_checkpoint)
+                               checkpoint_path, first_line, load_checkpoint, save_checkpoint)
 from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config,
                            check_cpu_can_multiply, check_fits, cpu_multiplies_bf16, pick_device, resume_config,
                            use_device)
@@ -112,7 +112,7 @@ def _captured_step(net, model: RNNLM, optimizer, cfg: TrainConfig, device: torch
         stepper.reset_state(state)
         problem = stepper.check_replay(*first_window)
     except Exception as err:  # capture can fail on an unsupported op (or a Triton error); eager is the same math
-        problem = f"the capture failed ({(str(err).splitlines() or [type(err).__name__])[0]})"
+        problem = f"the capture failed ({first_line(err)})"
     if problem is None:
         return stepper, optimizer
     optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict(), kind=cfg.optimizer)
@@ -273,7 +273,7 @@ class Run:
                 self.eval_forward = GraphedForward(model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype,
                                                    self.graphs)
             except Exception as err:  # noqa: BLE001 (validation eagerly is the same math)
-                self.say(f"CUDA graph capture of validation failed ({str(err).splitlines()[0]}): validating eagerly")
+                self.say(f"CUDA graph capture of validation failed ({first_line(err)}): validating eagerly")
         if self.eval_forward is None:
             self.eval_forward = GraphedForward(model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype)
 
@@ -285,8 +285,8 @@ class Run:
                                        None, self.scaler)
             return
         window = next(iter(tbptt_windows(self.train_data, cfg.seq_len, start=self.step)))
-        carried = getattr(self, "stepper", None)
-        state = carried.state if carried is not None else (self.carried if self.step > 0 else None)
+        previous = getattr(self, "stepper", None)  # captured again (a new learning rate): keep its state
+        state = previous.state if previous is not None else (self.carried if self.step > 0 else None)
         self.stepper, self.optimizer = _captured_step(
             self.net, self.model, self.optimizer, cfg, self.device, local_batch, self.amp_dtype, self.graphs, window,
             state, self.say)
