@@ -216,25 +216,15 @@ def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
 
 
 @pytest.mark.benchmark(group="train-step")
-def test_fastlm_eager_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere):
-    # bf16 without the graph: against fastlm-graphs-bf16-cudnn it is the graph's gain alone, at the
-    # same precision (fastlm-fp32 differs in both).
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphs"])
+def test_fastlm_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere, graphed):
+    # The bf16 step with cuDNN's LSTM, graphed and eager: against fastlm-graphs-bf16 the graphed row
+    # isolates the fused kernel's gain, and the eager row the graph's, at one precision.
     if DEVICE != "cuda":
-        pytest.skip("on the CPU fastlm-bf16 is this row")
-    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, False, "torch"), plain_step, plain_elsewhere)
-    record(GROUP, "fastlm-eager-bf16-cudnn", benchmark, data=windows[1], allocator=allocator(), backend="torch",
-           **fields)
-
-
-@pytest.mark.benchmark(group="train-step")
-def test_fastlm_graphs_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere):
-    # The same graphed bf16 step with cuDNN's LSTM: against fastlm-graphs-bf16 it isolates the fused
-    # kernel's gain from the graph's.
-    if DEVICE != "cuda":
-        pytest.skip("CUDA graphs need a GPU")
-    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, True, "torch"), plain_step, plain_elsewhere)
-    record(GROUP, "fastlm-graphs-bf16-cudnn", benchmark, data=windows[1], allocator=allocator(), backend="torch",
-           **fields)
+        pytest.skip("cuDNN rows are for a GPU (on the CPU fastlm-bf16 is the eager bf16 row)")
+    fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, graphed, "torch"), plain_step, plain_elsewhere)
+    record(GROUP, f"fastlm-{'graphs' if graphed else 'eager'}-bf16-cudnn", benchmark, data=windows[1],
+           allocator=allocator(), backend="torch", **fields)
 
 
 def _matmuls(dtype: torch.dtype):

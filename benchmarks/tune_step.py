@@ -92,18 +92,21 @@ def time_replays(fn, graphs: GraphAPI, replays: int, device) -> float:
     return statistics.median(batches)
 
 
-def _warm(items: list[tuple[str, int, int, StepConfig]]) -> None:
+def _warm(items: list[tuple[str, int, int, StepConfig]], device: str = "cuda", **layer_options) -> int:
     """A worker process: run each (kernel, B, H, config) once, so that Triton's cache holds it. A
-    configuration that fails here is left for the timed loop to record."""
-    layers = {}
+    configuration that fails here is left for the timed loop to record. Returns how many ran."""
+    layers, ran = {}, 0
     for kernel, batch, hidden, cfg in items:
         if (batch, hidden) not in layers:
-            layers[batch, hidden] = layer(batch, hidden, "cuda")
+            layers[batch, hidden] = layer(batch, hidden, device, **layer_options)
         try:
             run_kernel(kernel, cfg, *layers[batch, hidden])
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ran += 1
         except Exception:  # noqa: BLE001 (recorded with its reason by `sweep`)
             pass
+    return ran
 
 
 def compile_in_parallel(jobs: int, shapes=SHAPES) -> None:

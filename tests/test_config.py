@@ -36,3 +36,17 @@ def test_compare_takes_the_same_flags_with_their_defaults(name):
     p = argparse.ArgumentParser()
     add_flag(p, name, default=getattr(TrainConfig(), name))
     assert getattr(p.parse_args([]), name) == getattr(TrainConfig(), name)
+
+
+def test_cuda_devices_are_checked_against_the_machine_and_their_memory_read(monkeypatch):
+    import torch
+
+    from fastlm.config import TrainingError, available_bytes, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (123 * 2**20, 456 * 2**20))
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(TrainingError, match=r"this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+    assert available_bytes(torch.device("cuda", 1)) == 123 * 2**20

@@ -122,3 +122,24 @@ def test_the_committed_table_is_well_formed():
         assert entry["gpu"]
         kernel, dtype, batch, hidden = entry["key"].split()
         assert kernel in ("fwd", "bwd") and dtype in ("float32", "bfloat16", "float16")
+
+
+def test_the_compile_warm_up_runs_each_candidate_and_passes_over_failures(monkeypatch):
+    real = tune_step.run_kernel
+    monkeypatch.setattr(tune_step, "run_kernel", lambda kernel, cfg, *args: (_ for _ in ()).throw(
+        RuntimeError("out of resource")) if cfg == OTHER else real(kernel, cfg, *args))
+    items = [(kernel, *SHAPE, cfg) for kernel in tune_step.KERNELS for cfg in _two_configs(*SHAPE)]
+    assert tune_step._warm(items, "cpu", seq_len=2, embed=8) == 2, "the rule ran, the failing candidate was skipped"
+
+
+def test_replays_are_timed_between_device_synchronisations(monkeypatch):
+    syncs, runs = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    seconds = tune_step.time_replays(lambda: runs.append(1), SimulatedGraphs(), replays=3, device="cuda")
+    assert seconds >= 0 and len(syncs) == 10, "before and after each of the five timed batches"
+    assert len(runs) == 2 + 5 * 3, "warm-up, capture (a simulated one runs), then the replays"
+
+
+def test_the_sweep_needs_a_compiled_kernel_on_a_gpu(capsys):
+    assert tune_step.main([]) == 2
+    assert "the sweep times compiled kernels on a CUDA GPU" in capsys.readouterr().err
