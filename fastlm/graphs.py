@@ -297,11 +297,10 @@ class GraphedStep:
             raise ValueError("a GradScaler cannot run inside a CUDA graph: run float16 eagerly")
         self.model, self.optimizer, self.clip, self.amp_dtype, self.scaler = model, optimizer, clip, amp_dtype, scaler
         lm = getattr(model, "module", model)  # the RNNLM, also inside DistributedDataParallel
-        device = lm.linear.weight.device
+        self.device = device = lm.linear.weight.device
         self.device_type = device.type
         self.inputs = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.targets = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-        self.device = device
         self.h, self.c = lm.init_state(batch_size, device)  # the static state the step reads and writes
         self.loss_sum = torch.zeros((), device=device)
         # A graph reads and writes the gradients it was captured with, so they must stay allocated:
