@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-# `python -m fastlm.train --epochs 1 --amp off` on the CPU (README, "Results"): validation perplexity
-# after one epoch of the default run, float32 throughout.
+# The default run on the CPU, float32 (README, "What to expect"): validation perplexity after its
+# first epoch.
 CPU_FP32_EPOCH1_VALID_PPL = 141.48
 PPL_TOLERANCE = 0.05
 

@@ -31,8 +31,9 @@ class TrainConfig:
     embed_size: int = _flag(128, "word embedding size")
     hidden_size: int = _flag(1024, "LSTM hidden size")
     num_layers: int = _flag(1, "stacked LSTM layers")
-    vocab_size: int | None = _flag(None, "keep only the N most frequent training words, the rest read as <unk> "
-                                   "(default: every word of train.txt)", type=int)
+    vocab_size: int | None = _flag(None, "a vocabulary of N words in all: the most frequent training words, "
+                                   "<eos> and <unk>; the rest read as <unk> (default: every word of train.txt)",
+                                   type=int)
     epochs: int = _flag(5, "passes over the training data", resumable=True)
     batch_size: int = _flag(20, "rows the token stream is cut into")
     seq_len: int = _flag(30, "TBPTT window length (tokens between detaches)")
@@ -137,7 +138,7 @@ def resume_config(saved: dict, overrides: dict) -> TrainConfig:
         if key not in RESUMABLE_OVERRIDES and value != getattr(cfg, key):
             raise TrainingError(
                 f"--{key.replace('_', '-')} {value} differs from the checkpoint's {getattr(cfg, key)}: "
-                "a resumed run keeps its model and data layout (start a new run to change it)"
+                "a resumed run keeps the settings it was trained with (start a new run to change it)"
             )
     return replace(cfg, **overrides)
 

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "analogy":
         args.words = [args.a, args.b, args.c]
 
-    if args.command == "distance":
-        print(f"{'checkpoint':40} cosine distance ({args.matrix}) {args.words[0]} / {args.words[1]}")
-    for path in args.checkpoint:
+    for k, path in enumerate(args.checkpoint):
         model, dictionary, _ = load_model(path)
         vectors = word_vectors(model, args.matrix)
         if args.command == "distance":
-            a, b = (word_id(dictionary, w) for w in args.words)
+            a, b = (word_id(dictionary, w) for w in args.words)  # an unknown word stops before any output
+            if k == 0:
+                print(f"{'checkpoint':40} cosine distance ({args.matrix}) {args.words[0]} / {args.words[1]}")
             print(f"{path:40} {cosine_distance(vectors, a, b):.4f}")
             continue
         if args.command == "neighbors":

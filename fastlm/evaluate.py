@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg["eval_batch_size"]
     data = batchify_for_eval(getattr(corpus, args.split), batch_size, args.split, "--batch-size").to(device)
     loss = evaluate(model, data, cfg["seq_len"])
-    print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {data.numel()} tokens, "
+    scored = data.shape[0] * (data.shape[1] - 1)  # every token of a row but its first
+    print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {scored} tokens scored, "
           f"after {ckpt['global_step']} training steps, {args.checkpoint})")
     return 0
 

@@ -17,7 +17,8 @@ def run_curves(run: Path) -> tuple[tuple[list, list], tuple[list, list]]:
     """(steps, training loss) and (steps, validation perplexity at epoch ends) of a run folder."""
     path = run / METRICS
     if not path.is_file():
-        raise UsageError(f"{run} has no {METRICS}: pass run folders that fastlm.train wrote")
+        raise UsageError(f"{run} has no {METRICS} (not a run folder, or a run that has logged nothing yet): "
+                         "pass run folders that fastlm.train wrote")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [(r["global_step"], r["loss"]) for r in records if r["split"] == "train"]
     valid = [(r["global_step"], r["ppl"]) for r in records if r["split"] == "valid" and "tokens" not in r]

@@ -112,6 +112,12 @@ class RunFolder:
             self._lock.close()  # closing releases the flock
             self._lock = None
 
+    def remove_if_unused(self) -> None:
+        """Remove the folder when it holds nothing but the lock file (a run stopped by bad input)."""
+        if self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
+            (self.path / ".lock").unlink()
+            self.path.rmdir()
+
     def append(self, record: dict) -> None:
         """Append one record to metrics.jsonl whole or not at all: a write cut short (disk full) is
         cut back off, so readers never meet half a line."""

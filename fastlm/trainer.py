@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
         in_place = source is not None and folder.path.resolve() == source.parent.resolve()
         if in_place and source.name != CHECKPOINT:
             _refuse_rolling_back(folder.path, source, ckpt)
-        problem = None
+        problem, existed = None, folder.path.exists()
         if world.is_main:  # rank 0 owns the folder; every rank learns whether it may go on
             try:
                 folder.open(fresh=not in_place)
@@ -170,6 +170,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
                        ).train()
         finally:
             folder.close()
+            if not existed and world.is_main:
+                folder.remove_if_unused()  # bad input stopped the run before it wrote anything
     finally:
         distributed.leave(world)
 
@@ -192,7 +194,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World,
                  clock: Callable[[], float], folder: RunFolder, saved_step: int | None = None):
-        if world.enabled and cfg.teacher_forcing < 1:
+        if world.enabled and (cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant"):
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")
         if world.enabled and (cfg.dropout or cfg.weight_drop):

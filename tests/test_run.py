@@ -244,3 +244,9 @@ def test_sigint_while_starting_up_exits_quietly():
                            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 130 and proc.stderr == "interrupted\n"
+
+
+def test_bad_input_leaves_no_run_folder_behind(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = cli(["--data", tmp_path / "nowhere", "--out", run, "--device", "cpu"], capsys)
+    assert code == 2 and "lacks train.txt" in err and not run.exists()
