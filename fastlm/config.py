@@ -78,6 +78,11 @@ class TrainConfig:
                      resumable=True)
 
 
+def scheduled_sampling(cfg: TrainConfig) -> bool:
+    """Whether the run ever feeds the model its own words (steps then run one word at a time)."""
+    return cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant"
+
+
 def add_flag(parser: argparse.ArgumentParser, name: str, default=argparse.SUPPRESS) -> None:
     """Add TrainConfig's field `name` as --name, with its help, type and default from the field.
 
@@ -265,8 +270,7 @@ def check_config(cfg: TrainConfig) -> None:
                             f"--hidden-size (got {cfg.embed_size} and {cfg.hidden_size})")
     if cfg.init_range is not None and not 0 < cfg.init_range < math.inf:
         raise TrainingError(f"--init-range must be positive, got {cfg.init_range}")
-    scheduled = cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant"
-    if scheduled and (cfg.weight_drop or cfg.locked_dropout and cfg.dropout):
+    if scheduled_sampling(cfg) and (cfg.weight_drop or cfg.locked_dropout and cfg.dropout):
         raise TrainingError("free running calls the model one word at a time, so --weight-drop and --locked-dropout "
                             "would draw a mask per word, not per window: use plain --dropout with scheduled sampling")
     if cfg.vocab_size is not None and cfg.vocab_size < 2:

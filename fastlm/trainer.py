@@ -22,7 +22,7 @@ from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, FORMAT, CheckpointE
                                checkpoint_path, first_line, load_checkpoint, save_checkpoint)
 from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_for, check_config,
                            check_cpu_can_multiply, check_fits, cpu_multiplies_bf16, pick_device, resume_config,
-                           use_device)
+                           scheduled_sampling, use_device)
 from fastlm.data import (PTB_URL, Corpus, Dictionary, batchify, batchify_for_eval, ensure_ptb, eval_windows,
                          num_windows, tbptt_windows)
 from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
@@ -95,7 +95,7 @@ def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World
         say("CUDA graphs with DistributedDataParallel are not set up yet: running each step eagerly")
     elif scaler is not None:
         say("fp16 needs a gradient scaler whose overflow check reads the host: running eagerly (bf16 can graph)")
-    elif cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant":
+    elif scheduled_sampling(cfg):
         say("scheduled sampling runs step by step: running eagerly, without CUDA graphs")
     else:
         return api
@@ -194,7 +194,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, ckpt: dict | None, device: torch.device, world: distributed.World,
                  clock: Callable[[], float], folder: RunFolder, saved_step: int | None = None):
-        if world.enabled and (cfg.teacher_forcing < 1 or cfg.teacher_forcing_schedule != "constant"):
+        if world.enabled and scheduled_sampling(cfg):
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")
         if world.enabled and (cfg.dropout or cfg.weight_drop):
