@@ -12,7 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
-from fastlm.comparison import compare_detach, compare_teacher_forcing
+from fastlm.comparison import compare_teacher_forcing
+from fastlm.detach_report import compare_detach
 from fastlm.config import TrainConfig, add_flag, check_config
 from fastlm.scheduled_sampling import SCHEDULES
 
