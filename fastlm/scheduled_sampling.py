@@ -1,9 +1,11 @@
 """Training without (or with less) teacher forcing: scheduled sampling, Bengio et al. 2015.
 
-Inside each TBPTT window the input at step t+1 is the true word with probability P, otherwise the
-model's own prediction from step t. No gradient flows through that choice (a word id is not
-differentiable); gradients do flow through the recurrence, and the window still ends in one
-optimizer step, as in normal training. P = 1 is teacher forcing, P = 0 fully free running.
+At every step the input is the true word with probability P, otherwise the model's own prediction
+from the step before. That holds across window edges too: a window's first input may be the
+prediction the previous window ended with, so P = 0 is free running through the whole epoch (only
+an epoch's first word is the true one). No gradient flows through that choice (a word id is not
+differentiable); gradients do flow through the recurrence, and each window still ends in one
+optimizer step, as in normal training. P = 1 is teacher forcing.
 
 The schedules decay P over training progress s ∈ [0, 1] (the fraction of planned steps done),
 starting from the P given:
@@ -40,28 +42,37 @@ def teacher_forcing_probability(start: float, schedule: str, progress: float) ->
 
 
 def free_running_step(model, optimizer, inputs, targets, state, clip: float, teacher_forcing: float,
-                      token: str = "argmax"):
+                      token: str = "argmax", fed_back: torch.Tensor | None = None):
     """One TBPTT window run step by step, feeding back predictions with probability 1 − P.
 
-    Returns the loss (a device tensor) and the new state.
+    `fed_back` is the prediction the previous window ended with (B,), a candidate for this window's
+    first input; None at the start of an epoch, where the true word is fed. Returns the loss (a
+    device tensor), the new state and the prediction this window ends with.
     """
     state = tuple(s.detach() for s in state)
     batch, steps = inputs.shape
-    word = inputs[:, 0]
+    word = inputs[:, 0] if fed_back is None else _mix(inputs[:, 0], fed_back, teacher_forcing)
     step_logits = []
     for t in range(steps):
         logits, state = model(word[:, None], state)  # (B, V): one time step, state carried with its graph
         step_logits.append(logits)
-        if t + 1 == steps:
-            break
-        with torch.no_grad():
-            if token == "argmax":
-                predicted = logits.argmax(dim=-1)
-            else:
-                predicted = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(-1)
-            use_truth = torch.rand(batch, device=inputs.device) < teacher_forcing
-            word = torch.where(use_truth, inputs[:, t + 1], predicted)
+        predicted = _choose(logits, token)
+        if t + 1 < steps:
+            word = _mix(inputs[:, t + 1], predicted, teacher_forcing)
     logits = torch.stack(step_logits, dim=1).reshape(batch * steps, -1)
     loss = F.cross_entropy(logits, targets.reshape(-1))
     update(model, optimizer, loss, clip)
-    return loss, state
+    return loss, state, predicted
+
+
+@torch.no_grad()
+def _choose(logits: torch.Tensor, token: str) -> torch.Tensor:
+    if token == "argmax":
+        return logits.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(-1)
+
+
+def _mix(truth: torch.Tensor, predicted: torch.Tensor, teacher_forcing: float) -> torch.Tensor:
+    """Per row, the true word with probability P, else the prediction."""
+    use_truth = torch.rand(truth.shape[0], device=truth.device) < teacher_forcing
+    return torch.where(use_truth, truth, predicted)

@@ -206,6 +206,7 @@ class Run:
         self.say = tqdm.write if world.is_main else (lambda *args: None)
         self.epoch, self.step, self.global_step, self.best_valid = 0, 0, 0, math.inf
         self.carried = None  # the resumed (h, c), this rank's rows
+        self.carried_prediction = None  # scheduled sampling's resumed last prediction, this rank's rows
         self.saving_seconds, self.validations = 0.0, 0  # checkpoint writes are not training time
         self._load_data(ckpt)
         self._build_model(ckpt)
@@ -364,6 +365,7 @@ class Run:
 
     def start_epoch(self) -> None:
         self.stepper.reset_state(self.carried if self.step > 0 else None)  # zeros, or the resumed state
+        self.fed_back = self.carried_prediction if self.step > 0 else None  # an epoch starts from the true word
         self.steps_since_log, self.last_log_time = 0, self.clock()
         self.bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}", unit="step",
                         disable=None if self.world.is_main else True)
@@ -374,9 +376,12 @@ class Run:
                                              self.global_step / self.planned_steps)
         if p_true >= 1.0:
             self.stepper.step(inputs, targets)
+            self.fed_back = None  # a teacher-forced window predicts nothing to feed back
         else:  # step by step, eagerly, in fp32
-            self.stepper.record(*free_running_step(self.model, self.optimizer, inputs, targets, self.stepper.state,
-                                                   cfg.clip, p_true, cfg.free_running_token))
+            loss, state, self.fed_back = free_running_step(self.model, self.optimizer, inputs, targets,
+                                                           self.stepper.state, cfg.clip, p_true,
+                                                           cfg.free_running_token, self.fed_back)
+            self.stepper.record(loss, state)
         self.teacher_forcing = p_true
         self.step, self.global_step = self.step + 1, self.global_step + 1
         self.steps_since_log += 1
@@ -498,6 +503,7 @@ class Run:
             "step": self.step,
             "global_step": self.global_step,
             "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
+            "fed_back": None if carried is None or self.fed_back is None else self.fed_back.cpu(),
             "rng": rng_state(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),  # float16's loss scale
             "best_valid_loss": self.best_valid,
@@ -511,4 +517,6 @@ class Run:
         self.best_valid = ckpt["best_valid_loss"]
         if ckpt["state"] is not None:  # all rows of the global batch: take this rank's
             self.carried = tuple(s[:, self.rows].to(self.device) for s in ckpt["state"])
+        if ckpt.get("fed_back") is not None:  # absent in checkpoints of runs without scheduled sampling
+            self.carried_prediction = ckpt["fed_back"][self.rows].to(self.device)
         set_rng_state(ckpt["rng"])

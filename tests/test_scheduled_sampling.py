@@ -42,7 +42,7 @@ def test_probability_one_is_teacher_forcing():
     model, optimizer, inputs, targets, state = _setup()
     loss_tf, state_tf = train_step(model, optimizer, inputs, targets, state, clip=1e9)
     grads_tf = _grads(model)
-    loss_fr, state_fr = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=1.0)
+    loss_fr, state_fr, _ = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=1.0)
     assert abs(loss_tf.item() - loss_fr.item()) < 1e-12
     for name, g in _grads(model).items():
         assert_rel_close(g, grads_tf[name], 1e-10, name)
@@ -68,7 +68,7 @@ def test_free_running_matches_a_hand_written_unrolled_reference():
     calls = []
     step = optimizer.step
     optimizer.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
-    got, _ = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=0.0)
+    got, _, _ = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=0.0)
     assert len(calls) == 1, "one optimizer step per window"
     assert abs(got.item() - want.item()) < 1e-12
     reference = {"embed.weight": embed.weight.grad, "linear.weight": linear.weight.grad,
@@ -77,12 +77,35 @@ def test_free_running_matches_a_hand_written_unrolled_reference():
         assert_rel_close(g, reference[name], 1e-10, name)
 
 
+def test_free_running_carries_the_last_prediction_into_the_next_window():
+    model, optimizer, inputs, targets, state = _setup()
+    second_inputs, second_targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    # Reference: one unbroken free run over both windows, the arg-max fed back at every step.
+    word, (h, c), logits = inputs[:, 0], state, []
+    with torch.no_grad():
+        for _ in range(2 * T):
+            step_logits, (h, c) = model(word[:, None], (h, c))
+            logits.append(step_logits)
+            word = step_logits.argmax(-1)
+    want = F.cross_entropy(torch.stack(logits[T:], 1).reshape(B * T, V), second_targets.reshape(-1))
+
+    _, state, last = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=0.0)
+    assert torch.equal(last, logits[T - 1].argmax(-1))
+    got, _, _ = free_running_step(model, optimizer, second_inputs, second_targets, state, clip=1e9,
+                                  teacher_forcing=0.0, fed_back=last)
+    assert abs(got.item() - want.item()) < 1e-12
+    # Without a prediction to carry (an epoch's first window) the true first word is fed.
+    from_truth, _, _ = free_running_step(model, optimizer, second_inputs, second_targets, state, clip=1e9,
+                                         teacher_forcing=0.0)
+    assert abs(from_truth.item() - want.item()) > 1e-6
+
+
 def test_mixed_feeding_is_the_same_on_the_triton_kernel():
     results = []
     for backend in ("reference", "triton"):
         model, optimizer, inputs, targets, state = _setup(backend, torch.float32)
         torch.manual_seed(5)  # the same coin flips and samples for both
-        loss, _ = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=0.5,
+        loss, _, _ = free_running_step(model, optimizer, inputs, targets, state, clip=1e9, teacher_forcing=0.5,
                                     token="sample")
         results.append((loss, _grads(model)))
     (loss_ref, grads_ref), (loss_triton, grads_triton) = results
