@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     near = commands.add_parser("neighbors", parents=[common], help="nearest words by cosine similarity")
     near.add_argument("word")
     near.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")
-    analog = commands.add_parser("analogy", parents=[common], help="B − A + C: A is to B as C is to ?")
+    analog = commands.add_parser(
+        "analogy", parents=[common], help="A is to B as C is to ? (3CosAdd)",
+        description="A is to B as C is to ?, by 3CosAdd (as gensim's most_similar): A, B and C are "
+                    "unit-normalised, and the answers are the words most cosine-similar to B − A + C of "
+                    "the unit vectors, A, B and C excluded. The score printed is that cosine similarity.")
     for word in ("A", "B", "C"):  # one positional each: a tuple metavar breaks --help on Python 3.11
         analog.add_argument(word.lower(), metavar=word)
     analog.add_argument("-k", type=int, default=5, help="how many answers (default: 5)")

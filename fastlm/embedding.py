@@ -59,5 +59,11 @@ def neighbors(vectors: Tensor, word: int, k: int = 10) -> list[tuple[int, float]
 
 
 def analogy(vectors: Tensor, a: int, b: int, c: int, k: int = 5) -> list[tuple[int, float]]:
-    """Words d with b − a + c ≈ d ("a is to b as c is to d"), the three query words excluded."""
-    return nearest(vectors, vectors[b] - vectors[a] + vectors[c], k, {a, b, c})
+    """Words d with b − a + c ≈ d ("a is to b as c is to d") by 3CosAdd, the three query words excluded.
+
+    3CosAdd (Mikolov et al. 2013; Levy & Goldberg 2014; gensim's most_similar): the query is
+    b̂ − â + ĉ of the unit vectors, and the similarity reported is the cosine to it. Unnormalised,
+    the longest of a, b, c (often a frequent word) would set the query's direction by itself.
+    """
+    unit = _unit(vectors[[a, b, c]])
+    return nearest(vectors, unit[1] - unit[0] + unit[2], k, {a, b, c})

@@ -1,7 +1,8 @@
 """Generating text from a trained model: greedy or multinomial, with temperature, top-k and top-p.
 
 The order of the filters is the usual one: divide the logits by the temperature, keep the k most
-likely words, then keep the smallest set of words whose probability mass reaches p.
+likely words (exactly k, ties at the k-th broken by torch.topk), then keep the smallest set of
+words whose probability mass reaches p.
 """
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ def check_sampling(strategy: str, temperature: float, top_k: int | None, top_p: 
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set with mass ≥ top_p."""
+    """Set to -inf every logit outside the top k and outside the smallest set with mass ≥ top_p.
+
+    Exactly k words survive top-k: words tied with the k-th are kept or dropped as torch.topk
+    picks them, so that a flat stretch of logits cannot let more than k words through.
+    """
     if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        top = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -92,6 +92,32 @@ def test_filters_on_a_known_distribution():
     assert (freq - expected).abs().max() < 0.01
 
 
+@pytest.mark.parametrize("logits, top_k", [
+    ([3.0, 2.0, 2.0, 2.0, 1.0], 2),
+    ([1.0, 1.0, 1.0, 1.0], 3),
+    ([2.0, 2.0, 2.0, 0.0], 1),
+    ([[3.0, 2.0, 2.0, 2.0, 1.0], [0.0, 5.0, 5.0, -1.0, 5.0]], 2),
+], ids=["tie-at-the-kth", "all-equal", "tie-at-the-first", "batch-of-two-rows"])
+@pytest.mark.parametrize("top_p", [None, 0.999], ids=["top-k-alone", "then-top-p-0.999"])
+def test_top_k_keeps_exactly_k_when_logits_tie(logits, top_k, top_p):
+    logits = torch.tensor(logits)
+    filtered = filter_logits(logits, top_k=top_k, top_p=top_p)
+    kept = torch.isfinite(filtered)
+    assert (kept.sum(dim=-1) == top_k).all()
+    assert torch.equal(filtered[kept], logits[kept]), "kept logits are passed through unchanged"
+    kept_values = filtered.masked_fill(~kept, float("inf")).sort(dim=-1).values[..., :top_k]
+    assert torch.equal(kept_values.flip(-1), torch.topk(logits, top_k, dim=-1).values)
+    assert torch.equal(filter_logits(logits, top_k=top_k, top_p=top_p), filtered), "ties broken the same each time"
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0], ids=lambda t: f"temperature-{t}")
+def test_sampled_words_stay_within_k_when_logits_tie(temperature):
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])
+    draws = next_words(logits.expand(4000, 5), top_k=2, temperature=temperature,
+                       generator=torch.Generator().manual_seed(0))
+    assert 0 in draws.tolist() and len(set(draws.tolist())) == 2
+
+
 def test_low_temperature_approaches_greedy(loaded):
     model, _, _ = loaded
     greedy = generate(model, 15, prompt=[1, 2], strategy="greedy")
