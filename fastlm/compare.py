@@ -35,14 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     tf.add_argument("--free-running", type=float, default=0.0,
                     help="teacher-forcing probability of the second model (default: 0, fully free running)")
     tf.add_argument("--schedule", default="constant", help=f"its decay: {', '.join(SCHEDULES)} (default: constant)")
-    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity "
-                    "(default: the worse model's best)")
+    tf.add_argument("--seeds", type=int, default=3,
+                    help="seeds per model, from --seed on: the report calls a difference only when the seeds' "
+                         "ranges do not overlap (default: 3)")
+    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity on "
+                    "the validation sample (default: the worse model's best, and when the other reached it)")
+    tf.add_argument("--eval-interval", type=int,
+                    help="steps between validation-sample evaluations, the resolution of those steps "
+                         "(default: --steps / 25)")
     tf.add_argument("--pair", action="append", metavar="WORD/WORD",
                     help="word pairs whose cosine distance to compare (default: army/taxpayer)")
     tf.add_argument("--eval-tokens", type=int, default=20000,
                     help="validation tokens for the curve's points (default: 20000)")
     detach = experiments.add_parser("detach", parents=[common], help="graph memory with and without detach")
     detach.add_argument("--chunks", type=int, default=10, help="TBPTT windows to train on (default: 10)")
+    detach.add_argument("--repeats", type=int, default=3, help="runs of the whole experiment from the same seed; "
+                        "the report gives each window's median step time (default: 3)")
     args = p.parse_args(argv)
 
     base = TrainConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
@@ -58,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
             p.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
         report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule, args.target_ppl,
-                                         pairs, eval_tokens=args.eval_tokens)
+                                         pairs, seeds=args.seeds, eval_interval=args.eval_interval,
+                                         eval_tokens=args.eval_tokens)
         print(report["conclusion"])
     else:
-        compare_detach(base, args.chunks, out)
+        compare_detach(base, args.chunks, out, args.repeats)
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -30,12 +30,16 @@ def log_axis(ax) -> None:
 
 
 def curves(path: Path, panels: list[dict], title: str) -> Path:
-    """Side-by-side line charts. Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "log": bool}."""
+    """Side-by-side line charts. Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "log": bool};
+    a series (xs, ys, lows, highs) also shades the band from lows to highs."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for label, (xs, ys) in panel["series"].items():
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        for label, (xs, ys, *band) in panel["series"].items():
+            xs, ys = list(xs), list(ys)
+            line, = ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            if band:
+                ax.fill_between(xs, *band, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(panel["title"])
         ax.set_xlabel(panel["xlabel"])
         ax.set_ylabel(panel["ylabel"])
@@ -50,39 +54,71 @@ def curves(path: Path, panels: list[dict], title: str) -> Path:
     return path
 
 
-def unrolled_graph(path: Path, seq_len: int, chunks: int, nodes_with_detach: int, nodes_without: int) -> Path:
-    """The unrolled LSTM over `chunks` windows of `seq_len` steps, with the detach cut marked."""
+def unrolled_graph(path: Path, seq_len: int, chunks: int, nodes_with_detach: int, nodes_without: int) -> list[str]:
+    """The unrolled LSTM over `chunks` windows of `seq_len` steps: the initial state, the weights
+    each window ran with, each window's loss (the mean over its steps) and the detach cut.
+    Returns the texts drawn, so that a test can read what the picture says."""
     plt = _pyplot()
     steps = seq_len * chunks
-    fig, ax = plt.subplots(figsize=(2.0 * steps + 1.5, 4.6))
+    fig, ax = plt.subplots(figsize=(2.0 * steps + 3.0, 6.4))
     box = dict(boxstyle="round,pad=0.35", linewidth=1.2)
-    for t in range(steps):
-        x = 1.6 * t
-        ax.text(x, 0, f"$x_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#e8f0fe"})
+    arrow = dict(arrowstyle="->")
+    ax.text(-1.8, 1.5, "$h_0, c_0$\n(initial state)", ha="center", va="center", bbox={**box, "facecolor": "#f1f1f1"})
+    ax.annotate("", (-0.55, 1.5), (-1.1, 1.5), arrowprops=arrow)
+    for t in range(1, steps + 1):
+        x, side = 1.6 * (t - 1), _input_side(t, seq_len)
+        ax.text(x + 0.3 * side, 0, f"$x_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#e8f0fe"})
         ax.text(x, 1.5, f"$h_{{{t}}}, c_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#fff4d6"})
         ax.text(x, 3.0, f"$\\ell_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#e6f4ea"})
-        ax.annotate("", (x, 1.2), (x, 0.3), arrowprops=dict(arrowstyle="->"))
-        ax.annotate("", (x, 2.7), (x, 1.8), arrowprops=dict(arrowstyle="->"))
-        if t + 1 < steps:
-            crossing = (t + 1) % seq_len == 0
+        ax.annotate("", (x + 0.15 * side, 1.2), (x + 0.3 * side, 0.3), arrowprops=arrow)
+        ax.annotate("", (x, 2.7), (x, 1.8), arrowprops=arrow)
+        if t < steps:
+            crossing = t % seq_len == 0
             ax.annotate("", (x + 1.6 - 0.55, 1.5), (x + 0.55, 1.5),
                         arrowprops=dict(arrowstyle="->", color="black", linestyle="--" if crossing else "-"))
             if crossing:
                 cut = x + 0.8
-                ax.plot([cut, cut], [-0.5, 3.5], color="crimson", linestyle="--", linewidth=2)
-                ax.text(cut, 3.75, "detach(): the state crosses,\ngradients stop here", color="crimson",
+                ax.plot([cut, cut], [-2.4, 4.9], color="crimson", linestyle="--", linewidth=2)
+                ax.text(cut, 5.0, "detach(): the state crosses,\ngradients stop here", color="crimson",
                         ha="center", va="bottom", fontsize=9)
-    for k in range(chunks):
-        left, right = 1.6 * k * seq_len - 0.5, 1.6 * ((k + 1) * seq_len - 1) + 0.5
-        ax.text((left + right) / 2, -0.85, f"window {k + 1}: loss $L_{k + 1} = \\sum \\ell_t$, one optimizer step",
-                ha="center", fontsize=9)
-    ax.set_xlim(-0.9, 1.6 * (steps - 1) + 0.9)
-    ax.set_ylim(-1.2, 4.6)
+    for k in range(1, chunks + 1):
+        _window_loss_and_weights(ax, k, seq_len, box)
+    ax.text(1.6 * (steps - 1) / 2, -3.0, "$\\ell_t$: step t's cross-entropy, averaged over the batch rows, so "
+            "$L_k$ is what F.cross_entropy returns for window k. W: the LSTM's weights, shared by every step; "
+            "without detach, $L_2$'s backward\nruns through window 1's cells, which used $W^{(1)}$: the "
+            "optimizer has overwritten it since, so a retained graph must keep a copy of it.",
+            ha="center", va="top", fontsize=9)
+    ax.set_xlim(-2.7, 1.6 * (steps - 1) + 0.9)
+    ax.set_ylim(-3.8, 5.9)
     ax.axis("off")
-    ax.set_title(f"Unrolled LSTM, seq_len {seq_len}, {chunks} windows. Autograd nodes a backward from "
-                 f"window {chunks}'s loss visits: {nodes_with_detach} with detach, {nodes_without} without",
-                 fontsize=10)
+    title = (f"Unrolled LSTM, seq_len T = {seq_len}, {chunks} windows. Autograd nodes a backward from window "
+             f"{chunks}'s loss visits: {nodes_with_detach} with detach, {nodes_without} without")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return [text.get_text() for text in ax.texts if text.get_text()] + [title]
+
+
+def _window_loss_and_weights(ax, k: int, seq_len: int, box: dict) -> None:
+    """Window k's loss, the mean of its steps' losses, and the weights it ran with, W as the
+    optimizer left it after k - 1 updates."""
+    first = (k - 1) * seq_len + 1
+    xs = [1.6 * (t - 1) for t in range(first, first + seq_len)]
+    middle = (xs[0] + xs[-1]) / 2
+    terms = " + ".join(f"\\ell_{{{t}}}" for t in range(first, first + seq_len))
+    ax.text(middle, 4.2, f"$L_{{{k}}} = \\frac{{1}}{{{seq_len}}}({terms})$", ha="center", va="center",
+            bbox={**box, "facecolor": "#d7f0dd"})
+    updates = "before any update" if k == 1 else f"after {k - 1} update{'s' * (k > 2)}"
+    ax.text(middle, -1.7, f"$W^{{({k})}}$: W {updates}", ha="center", va="center",
+            bbox={**box, "facecolor": "#f3e5f5"})
+    for t, x in enumerate(xs, first):
+        ax.annotate("", (middle, 3.9), (x, 3.3), arrowprops=dict(arrowstyle="->", color="#2e7d32"))
+        ax.annotate("", (x - 0.15 * _input_side(t, seq_len), 1.2), (middle, -1.4),
+                    arrowprops=dict(arrowstyle="->", color="#7b1fa2", alpha=0.7))
+
+
+def _input_side(t: int, seq_len: int) -> int:
+    """-1 (left) or 1: x_t's arrow enters its cell on the side away from the window's middle, so
+    that it does not cross the arrow from the window's weights."""
+    return -1 if (t - 1) % seq_len < seq_len / 2 else 1

@@ -56,7 +56,7 @@ def free_running_step(model, optimizer, inputs, targets, state, clip: float, tea
     for t in range(steps):
         logits, state = model(word[:, None], state)  # (B, V): one time step, state carried with its graph
         step_logits.append(logits)
-        predicted = _choose(logits, token)
+        predicted = _predicted_word(logits, token)
         if t + 1 < steps:
             word = _mix(inputs[:, t + 1], predicted, teacher_forcing)
     logits = torch.stack(step_logits, dim=1).reshape(batch * steps, -1)
@@ -66,7 +66,7 @@ def free_running_step(model, optimizer, inputs, targets, state, clip: float, tea
 
 
 @torch.no_grad()
-def _choose(logits: torch.Tensor, token: str) -> torch.Tensor:
+def _predicted_word(logits: torch.Tensor, token: str) -> torch.Tensor:
     if token == "argmax":
         return logits.argmax(dim=-1)
     return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(-1)

@@ -207,6 +207,7 @@ class Run:
         self.epoch, self.step, self.global_step, self.best_valid = 0, 0, 0, math.inf
         self.carried = None  # the resumed (h, c), this rank's rows
         self.carried_prediction = None  # scheduled sampling's resumed last prediction, this rank's rows
+        self.fed_back = None  # the last window's prediction, a candidate for the next window's first input
         self.saving_seconds, self.validations = 0.0, 0  # checkpoint writes are not training time
         self._load_data(ckpt)
         self._build_model(ckpt)
@@ -376,7 +377,7 @@ class Run:
                                              self.global_step / self.planned_steps)
         if p_true >= 1.0:
             self.stepper.step(inputs, targets)
-            self.fed_back = None  # a teacher-forced window predicts nothing to feed back
+            self.fed_back = None  # the captured step returns no prediction: the next window starts from the truth
         else:  # step by step, eagerly, in fp32
             loss, state, self.fed_back = free_running_step(self.model, self.optimizer, inputs, targets,
                                                            self.stepper.state, cfg.clip, p_true,
@@ -503,7 +504,8 @@ class Run:
             "step": self.step,
             "global_step": self.global_step,
             "state": None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
-            "fed_back": None if carried is None or self.fed_back is None else self.fed_back.cpu(),
+            "fed_back": None if carried is None or self.fed_back is None else
+            distributed.gather_rows(self.fed_back, dim=0).cpu(),
             "rng": rng_state(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),  # float16's loss scale
             "best_valid_loss": self.best_valid,

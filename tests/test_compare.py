@@ -2,6 +2,8 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
@@ -19,40 +21,104 @@ def _run(argv, capsys):
     return exit_info.value.code, capsys.readouterr()
 
 
-def test_teacher_forcing_report(corpus_dir, tmp_path, capsys):
+def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
+    import fastlm.comparison
+
+    configs, real_train = [], fastlm.comparison.train
+    monkeypatch.setattr(fastlm.comparison, "train", lambda cfg: (configs.append(cfg), real_train(cfg))[1])
+    drawn, real_curves = [], fastlm.comparison.plots.curves
+
+    def curves(path, panels, title):
+        drawn.append(panels)
+        return real_curves(path, panels, title)
+
+    monkeypatch.setattr(fastlm.comparison.plots, "curves", curves)
     out = tmp_path / "tf"
-    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "80",
-                          "--pair", "w1/w2", "--eval-tokens", "60", *TINY], capsys)
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "40",
+                          "--seeds", "2", "--eval-interval", "4", "--pair", "w1/w2", "--eval-tokens", "60", *TINY],
+                         capsys)
     assert code == 0, printed.err
+    # Two seeds per arm, each seed's arms from the same start, both eager in fp32.
+    assert [(c.seed, c.teacher_forcing) for c in configs] == [(1234, 1.0), (1234, 0.0), (1235, 1.0), (1235, 0.0)]
+    assert {(c.amp, c.cuda_graphs) for c in configs} == {("off", False)}
     report = json.loads((out / "report.json").read_text())
-    tf, fr = report["runs"]["teacher-forced"], report["runs"]["free-running"]
-    assert (tf["teacher_forcing"], fr["teacher_forcing"]) == (1.0, 0.0)
-    assert [s for s, _ in tf["valid"]] == [8 * k for k in range(1, 11)] == [s for s, _ in fr["valid"]]
-    # The reported perplexity is the teacher-forced one of the saved model.
-    model, dictionary, _ = load_model(out / "free-running")
-    valid = batchify(Corpus(corpus_dir, dictionary).valid, 3)
-    assert fr["valid_ppl"] == pytest.approx(perplexity(evaluate(model, valid, 5)), rel=1e-9)
-    better = "teacher-forced" if tf["valid_ppl"] <= fr["valid_ppl"] else "free-running"
-    assert report["conclusion"].startswith(f"On teacher-forced validation perplexity the {better} model is better")
-    assert set(tf["distances"]) == {"w1/w2"} and len(tf["samples"]) == 3
+    runs, facts = report["runs"], report["facts"]
+    for arm in ("teacher-forced", "free-running"):
+        assert [r["seed"] for r in runs[arm]] == [1234, 1235]
+        assert all([s for s, _ in r["valid"]] == [4 * k for k in range(1, 11)] for r in runs[arm])
+        # The reported perplexity is the teacher-forced one of the saved model.
+        model, dictionary, _ = load_model(out / arm / "seed-1235")
+        valid = batchify(Corpus(corpus_dir, dictionary).valid, 3)
+        assert runs[arm][1]["valid_ppl"] == pytest.approx(perplexity(evaluate(model, valid, 5)), rel=1e-9)
+        values = [r["valid_ppl"] for r in runs[arm]]
+        assert facts["valid"][arm]["mean"] == pytest.approx((values[0] * values[1]) ** 0.5)  # geometric
+        assert (facts["valid"][arm]["min"], facts["valid"][arm]["max"]) == (min(values), max(values))
+    # The default target: where the worse arm's mean validation-sample curve ended; per seed, the
+    # first evaluation at or below it.
+    target = facts["target"]
+    worse = max(runs, key=lambda arm: runs[arm][0]["valid_ppl"] * runs[arm][1]["valid_ppl"])
+    assert target["worse"] == worse
+    assert target["ppl"] == pytest.approx((runs[worse][0]["valid"][-1][1] * runs[worse][1]["valid"][-1][1]) ** 0.5)
+    for arm in runs:
+        assert target["reached"][arm] == [next((step for step, ppl in r["valid"] if ppl <= target["ppl"]), None)
+                                          for r in runs[arm]]
+    assert "seed-to-seed" not in report["conclusion"] and "## Conclusion" in (out / "report.md").read_text()
     assert (out / "teacher_forcing.png").read_bytes()[:4] == b"\x89PNG"
-    text = (out / "report.md").read_text()
-    assert "| validation perplexity |" in text and "## Conclusion" in text
+    # The plot: teacher-forced validation with its band over seeds; the training losses labelled as
+    # measured on different inputs.
+    (valid_panel, train_panel), = drawn
+    steps, mean, low, high = valid_panel["series"]["teacher-forced"]
+    seed_curves = [[ppl for _, ppl in r["valid"]] for r in runs["teacher-forced"]]
+    assert list(steps) == [4 * k for k in range(1, 11)] and list(low) == [min(c) for c in zip(*seed_curves)]
+    assert list(high) == [max(c) for c in zip(*seed_curves)]
+    assert list(mean) == pytest.approx([(a * b) ** 0.5 for a, b in zip(*seed_curves)])  # geometric
+    assert "teacher-forced" in valid_panel["title"] and "not comparable" in train_panel["title"]
+    assert len(runs["teacher-forced"][0]["samples"]) == 3 and runs["teacher-forced"][1]["samples"] == []
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), *TINY], capsys)
     assert code == 2 and "is not empty" in printed.err
 
 
-def test_detach_report(corpus_dir, tmp_path, capsys):
-    out = tmp_path / "detach"
-    code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), "--chunks", "4", *TINY], capsys)
+def test_an_interrupted_arm_stops_the_comparison_without_a_report(corpus_dir, tmp_path, capsys, monkeypatch):
+    import fastlm.comparison
+    from fastlm.trainer import TrainResult
+
+    # A Ctrl-C inside train() ends that run early and returns normally: it must not be compared as a
+    # run of the full budget.
+    monkeypatch.setattr(fastlm.comparison, "train",
+                        lambda cfg: TrainResult(cfg.out, 3, [], None, None, None, interrupted=True))
+    out = tmp_path / "tf"
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
+                          "--pair", "w1/w2", *TINY],
+                         capsys)
+    assert code == 130 and "interrupted" in printed.err and not (out / "report.md").exists()
+
+
+def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
+    from fastlm.model import RNNLM
+
+    # 'zebra' ends train.txt: in the last columns of the last row, never inside the 20 windows trained.
+    with open(corpus_dir / "train.txt", "a") as text:
+        text.write("w1 zebra\n")
+    out = tmp_path / "tf"
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
+                          "--seeds", "1", "--pair", "zebra/w1", "--eval-tokens", "60", *TINY], capsys)
     assert code == 0, printed.err
     report = json.loads((out / "report.json").read_text())
-    with_detach = [m["graph_bytes"] for m in report["results"]["detach"]]
-    without = [m["graph_bytes"] for m in report["results"]["no-detach"]]
-    assert len(set(with_detach)) == 1 and without == sorted(without) and without[-1] > 3 * with_detach[0]
-    assert report["nodes_without"] > report["nodes_with_detach"]
-    for png in ("detach_memory.png", "unrolled_graph.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    pair = report["facts"]["pairs"]["zebra/w1"]
+    assert pair["fed"]["zebra"] == 0 and pair["updated"]["teacher-forced"] == {"zebra": 0, "w1": 1}
+    # Independently: the untrained model of that seed, built by hand, has the same row and distance.
+    dictionary = load_model(out / "teacher-forced" / "seed-1234")[1]
+    torch.manual_seed(1234)
+    untrained = RNNLM(len(dictionary), 16, 32).embed.weight.detach().double()
+    trained = load_model(out / "teacher-forced" / "seed-1234")[0].embed.weight.detach().double()
+    zebra, w1 = dictionary.word2idx["zebra"], dictionary.word2idx["w1"]
+    assert torch.equal(trained[zebra], untrained[zebra]) and not torch.equal(trained[w1], untrained[w1])
+    start = 1 - F.cosine_similarity(untrained[zebra], untrained[w1], dim=0).item()
+    assert pair["start"]["mean"] == pytest.approx(start, abs=1e-12)
+    conclusion = report["conclusion"]
+    assert "'zebra' does not occur in the text trained on" in conclusion
+    assert "never updated the vector of 'zebra': it is still the untrained one" in conclusion
+    assert "With one seed this difference cannot be told from seed-to-seed noise" in conclusion
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -61,7 +127,11 @@ def test_detach_report(corpus_dir, tmp_path, capsys):
     (["--pair", "w1/zebra"], "--pair: 'zebra' not in the vocabulary of"),
     (["--target-ppl", "nan"], "--target-ppl must be a finite perplexity above 1, got nan"),
     (["--target-ppl", "0.5"], "--target-ppl must be a finite perplexity above 1, got 0.5"),
-], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1"])
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
+    (["--steps", "50", "--eval-interval", "60"], "--eval-interval 60 leaves no evaluation within --steps 50: lower it"),
+], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1", "no-seeds", "eval-interval-0",
+        "eval-interval-beyond-steps"])
 def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
                                                                 message):
     import fastlm.comparison
@@ -104,10 +174,143 @@ def test_log_scale_axes_label_several_ticks_over_a_narrow_range(tmp_path):
     assert all(text.strip("$").replace(".", "").isdigit() for text in labels if text)
 
 
-def test_the_conclusion_calls_equal_distances_equal():
-    from fastlm.comparison import _conclusion
+TF, FR = "teacher-forced", "free-running"
 
-    run = {"valid_ppl": 100.0, "test_ppl": 99.0, "steps_to_target": 10, "distances": {"army/taxpayer": 0.93741}}
-    other = {**run, "valid_ppl": 100.5, "distances": {"army/taxpayer": 0.93708}}
-    text = _conclusion(run, other, 100.5, 50)
-    assert "is 0.937 in both models (equal to three digits)" in text and "places them closer" not in text
+
+def _facts(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=None, updated=None, fed=100,
+           names=None):
+    """The facts `_facts` draws from per-seed numbers: validation perplexities, validation-sample curves
+    (evaluated every 5 of 50 steps), and distances of one pair, army/taxpayer, with its start."""
+    from fastlm.comparison import _facts as facts
+
+    seeds = len(valid_tf)
+    start = start or [0.6513] * seeds
+    flat = lambda ppl: [(step, ppl) for step in range(5, 55, 5)]
+    curves = curves or {TF: [flat(v) for v in valid_tf], FR: [flat(v) for v in valid_fr]}
+    distances = {TF: tf or start, FR: fr or start}
+    updated = updated or {arm: {"army": seeds, "taxpayer": seeds} for arm in (TF, FR)}
+    runs = {arm: [{"valid_ppl": ppl, "test_ppl": ppl, "valid": curves[arm][k], "valid_tokens": 20000,
+                   "distances": {"army/taxpayer": distances[arm][k]},
+                   "updated": {w: k < updated[arm][w] for w in ("army", "taxpayer")}}
+                  for k, ppl in enumerate(valid)] for arm, valid in ((TF, valid_tf), (FR, valid_fr))}
+    return facts(runs, [{"army/taxpayer": d} for d in start], [("army", "taxpayer")], {"army": fed, "taxpayer": fed},
+                 50, list(range(seeds)), 5, given, names or {TF: TF, FR: FR})
+
+
+def test_the_t_tests_match_hand_computed_values():
+    from fastlm.comparison import _t_test
+
+    # Welch: means 2 and 5, variances 1: t = −3 / √(2/3), 4 degrees of freedom (critical 2.776).
+    welch = _t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], paired=False)
+    assert welch["t"] == pytest.approx(-3 / (2 / 3) ** 0.5) and welch["df"] == 4 and welch["lower"] == TF
+    # Paired differences −1, −0.9, −1.2: t = mean / (sd / √3) with 2 degrees of freedom (critical 4.303).
+    paired = _t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=True)
+    diffs = [-1.0, -0.9, -1.2]
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    assert paired["t"] == pytest.approx(mean / (sd / 3 ** 0.5)) and paired["df"] == 2 and paired["lower"] == TF
+    # The same numbers unpaired: far apart per seed pair, but within the seeds' spread.
+    assert _t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=False)["lower"] is None
+    # Differences −1, −2, −3: t = −2 / (1 / √3) = −3.46, 2 degrees of freedom: inside the critical 4.303.
+    assert _t_test([0.0, 0.0, 0.0], [1.0, 2.0, 3.0], paired=True)["lower"] is None
+    assert _t_test([5.0], [6.0], paired=False) is None
+    assert _t_test([5.0, 5.0], [5.0, 5.0], paired=False)["lower"] is None
+
+
+@pytest.mark.parametrize("valid_tf, valid_fr, says, never_says", [
+    ([100.0], [100.04], "One seed cannot tell a difference from seed-to-seed noise", "models are better"),
+    ([100.0, 101.0, 99.0], [100.04, 99.5, 100.6], "No clear difference at this budget (Welch's t-test on the seeds' "
+                                                   "log-perplexities: t = -0.07, 3 degrees of freedom", "are better"),
+    ([100.0, 100.0, 100.0], [100.0, 100.0, 100.0], "No clear difference", "models are better"),
+    # Ranges that do not overlap are not enough: two seeds each, t = −2.8 with 1 degree of freedom.
+    ([100.0, 101.0], [102.0, 103.0], "Every teacher-forced seed is better than every free-running seed, but with 2 "
+                                     "seeds and this spread that is not significant at the 5% level (Welch's t-test "
+                                     "on the seeds' log-perplexities: t = -2.83, 1 degree of freedom): run more seeds",
+     "models are better"),
+    # The default run's case: one arm diverged in some seeds; its geometric mean is not pulled up by one.
+    ([239.76, 236.28, 239.13], [3525.13, 98785.71, 1700.8], "8397.97 (1700.80–98785.71) for the free-running ones",
+     "models are better"),
+    ([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], "The teacher-forced models are better, 9.9% lower (Welch's t-test "
+                                                   "on the seeds' log-perplexities: t = -13.43, 3 degrees of freedom, "
+                                                   "significant at the 5% level). A likely reason, which this report "
+                                                   "does not measure", "No clear"),
+    ([110.0, 112.0, 111.0], [100.0, 101.0, 99.0], "The free-running models are better", "likely reason"),
+], ids=["one-seed", "within-the-spread", "tie", "two-seeds-apart", "one-arm-diverged", "teacher-forcing-better",
+        "free-running-better"])
+def test_the_perplexity_conclusion_calls_a_difference_only_beyond_the_seeds_spread(valid_tf, valid_fr, says,
+                                                                                    never_says):
+    from fastlm.comparison import _perplexity_sentences
+
+    text = _perplexity_sentences(_facts(valid_tf, valid_fr))
+    assert says in text and never_says not in text, text
+
+
+def _curve(*ppl):
+    return list(zip(range(5, 55, 5), ppl))
+
+
+FAST = _curve(200, 150, 120, 110, 100, 95, 92, 90, 89, 88)
+SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
+
+
+@pytest.mark.parametrize("curves, given, says", [
+    ({TF: [FAST, _curve(190, 150, 118, 112, 100, 96, 92, 90, 89, 88), _curve(205, 150, 121, 109, 100, 95, 92, 91,
+                                                                               89, 88)],
+      FR: [SLOW] * 3}, None,
+     ["The free-running models ended at a validation-sample perplexity of 120.00 (geometric mean over seeds, at "
+      "step 50); "
+      "that level was first reached at step 15, 15, 20 by the teacher-forced models and 50, 50, 50 by the "
+      "free-running ones (per seed; validation every 5 steps on the first 20000 validation tokens, so a step is "
+      "known to within 5 steps).", "The teacher-forced models got there sooner (Welch's t-test"]),
+    ({TF: [FAST, SLOW, FAST], FR: [SLOW, FAST, SLOW]}, 120.0,
+     ["Validation-sample perplexity 120.00 (--target-ppl) was first reached at step 15, 50, 15 by the",
+      "not separated at this resolution"]),
+    ({TF: [FAST] * 3, FR: [SLOW, SLOW, _curve(*[130] * 10)]}, 120.0,
+     ["50, 50, not reached by the free-running ones", "Not every seed reached it, so no difference in speed is "
+                                                     "called."]),
+], ids=["sooner", "not-separated", "not-every-seed"])
+def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
+    from fastlm.comparison import _target_sentences
+
+    text = _target_sentences(_facts([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
+    assert all(part in text for part in says), text
+
+
+@pytest.mark.parametrize("kwargs, says, never_says", [
+    # The short run of the issue: an embedding row never updated keeps the untrained distance.
+    (dict(valid=1, tf=[0.6513107131880383], fr=[0.6620], start=[0.6513107131880383], fed=0,
+          updated={TF: {"army": 0, "taxpayer": 0}, FR: {"army": 1, "taxpayer": 1}}),
+     ["0.651 before training", "(change +0.000)", "'army' does not occur in the text trained on",
+      "The teacher-forced model never updated the vector of 'army': it is still the untrained one",
+      "With one seed this difference cannot be told"], "closer ("),
+    # Distances start far apart across seeds; each seed's change is what counts (paired).
+    (dict(valid=3, start=[0.45, 0.65, 0.85], tf=[0.40, 0.61, 0.79], fr=[0.46, 0.66, 0.86]),
+     ["The teacher-forced models place them closer (a paired t-test"], "Neither"),
+    # Untouched rows in one arm, moved apart in the other: the untouched arm is not credited as closer
+    # unless the other moved away beyond the spread; here it moved away consistently.
+    (dict(valid=3, start=[0.65, 0.66, 0.64], tf=[0.65, 0.66, 0.64], fr=[0.70, 0.72, 0.69],
+          updated={TF: {"army": 0, "taxpayer": 0}, FR: {"army": 3, "taxpayer": 3}}),
+     ["never updated the vector of 'army'", "(change +0.000)", "(change +0.053)",
+      "Only the free-running models moved the pair, apart (a paired t-test", "the teacher-forced ones left it where "
+                                                                               "it started"], "place them closer"),
+    (dict(valid=3, start=[0.65, 0.66, 0.64], tf=[0.60, 0.67, 0.61], fr=[0.615, 0.63, 0.64], fed=3,
+          updated={TF: {"army": 3, "taxpayer": 3}, FR: {"army": 2, "taxpayer": 3}}),
+     ["Neither places them clearly closer (a paired t-test", "'army' occurs only 3 times",
+      "The free-running models updated the vector of 'army' in only 2 of 3 seeds"], "place them closer"),
+    (dict(valid=3, start=[0.65, 0.66, 0.64], updated={TF: {"army": 0, "taxpayer": 0}, FR: {"army": 0, "taxpayer": 0}}),
+     ["Neither way of training moved this pair: there is nothing to compare"], "closer"),
+], ids=["untouched-one-seed", "paired-changes", "untouched-against-moved", "within-the-spread-and-rare", "unmoved"])
+def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says, never_says):
+    from fastlm.comparison import _distance_sentences
+
+    seeds = kwargs.pop("valid")
+    text = _distance_sentences(_facts([100.0] * seeds, [101.0] * seeds, **kwargs), "army/taxpayer")
+    assert all(part in text for part in says) and never_says not in text, text
+
+
+def test_a_mixed_second_arm_is_named_by_its_probability():
+    from fastlm.comparison import _perplexity_sentences
+
+    names = {TF: TF, FR: "P=0.5 (linear)"}
+    text = _perplexity_sentences(_facts([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))
+    assert "111.00 (110.00–112.00) for the P=0.5 (linear) ones" in text and "likely reason" not in text, text

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.graph_memory import SavedTensorMeter, count_graph_nodes, run_chunks
+from fastlm.graph_memory import (FASTLM_ARM, USER_LOOPS, SavedTensorMeter, count_graph_nodes, run_chunks,
+                                 true_last_window_gradient, user_loops_without_detach)
 from fastlm.model import RNNLM
 from helpers import assert_rel_close
 
@@ -32,12 +33,31 @@ def test_parameters_count_only_as_snapshots():
         assert meter.live_bytes == 40  # x; the parameter itself is no extra memory
     with SavedTensorMeter([w], snapshot_parameters=True) as meter:
         y = (x * w).sum()
-        assert meter.live_bytes == 80
+        assert (meter.live_bytes, meter.snapshot_bytes, meter.activation_bytes) == (80, 40, 40)
         with torch.no_grad():
             w.add_(1.0)  # the optimizer's in-place update does not disturb the snapshot
         y.backward()
         assert meter.live_bytes == 0
     assert torch.allclose(x.grad, w.detach() - 1.0)  # the gradient used the weights as saved
+
+
+def test_a_parameter_saved_many_times_in_a_window_is_copied_once():
+    x, w = torch.randn(3, 10, requires_grad=True), nn.Parameter(torch.randn(10, 4))
+    with SavedTensorMeter([w], snapshot_parameters=True) as meter:
+        first = [(x[i:i + 1] @ w).sum() for i in range(3)]  # mm saves a view of w three times
+        assert meter.snapshot_bytes == 160
+        meter.new_window()
+        second = (x @ w.t().t()).sum()  # another view of w, in a new window: a second copy
+        assert meter.snapshot_bytes == 320
+        with torch.no_grad():
+            w.mul_(2.0)  # an in-place change that bumps the version: copied again, even within the window
+        third = (x @ w).sum()
+        assert meter.snapshot_bytes == 480
+        del first
+        assert meter.snapshot_bytes == 320  # the first window's copy is freed with the last graph holding it
+        (second + third).backward()
+        assert meter.live_bytes == 0
+    assert torch.allclose(x.grad, (w.detach() / 2 + w.detach()).sum(1).expand(3, 10))
 
 
 def _windows(k):
@@ -103,6 +123,61 @@ def test_retained_graphs_use_the_weights_of_their_window():
     model = _model()
     measurements = run_chunks(model, torch.optim.Adam(model.parameters(), lr=0.1), windows, False, clip=1.0)
     assert len(measurements) == 3 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused-adam"])
+def test_the_last_windows_gradient_is_true_bptt_with_each_windows_weights(backend, fused):
+    # Fused Adam does not bump the parameters' versions: the meter must copy them per window anyway.
+    windows, _ = _windows(3)
+    starts = []
+    for k in range(len(windows) + 1):  # window k + 1 starts from the weights training on k windows leaves
+        model = _model(backend)
+        if k:
+            run_chunks(model, torch.optim.Adam(model.parameters(), lr=0.1, fused=fused), windows[:k], False, 1e9)
+        starts.append({name: w.detach().clone() for name, w in model.state_dict().items()})
+    expected = true_last_window_gradient(starts[:-1], windows)
+    assert not torch.equal(starts[0]["lstm.weight_hh_l0"], starts[2]["lstm.weight_hh_l0"])
+    for name, p in model.named_parameters():
+        assert_rel_close(p.grad, expected[name], 1e-10, name)
+
+
+def _saved_parameter_bytes(model, backend):
+    """The parameters each LSTM backend saves for backward: W_ih and W_hh; torch's kernel (oneDNN on
+    the CPU) saves the biases as well."""
+    names = ["weight_ih_l0", "weight_hh_l0"] + (["bias_ih_l0", "bias_hh_l0"] if backend == "torch" else [])
+    return sum(getattr(model.lstm, name).nbytes for name in names)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_each_window_copies_each_saved_parameter_once_whatever_the_backend(backend):
+    windows, _ = _windows(3)
+    torch.manual_seed(0)
+    model = RNNLM(V, E, H, backend=backend)  # float32: the triton kernel has no float64
+    measured = run_chunks(model, torch.optim.Adam(model.parameters(), lr=0.1, fused=True), windows, False, 1.0)
+    snapshots = [m.snapshot_bytes for m in measured]
+    # The reference backend saves a view of W_hh at every time step; still one copy per window.
+    assert {b - a for a, b in zip(snapshots, snapshots[1:])} == {_saved_parameter_bytes(model, backend)}
+    # Window 1's graph also holds the output layer's weight until its loss is dropped.
+    assert snapshots[0] == _saved_parameter_bytes(model, backend) + model.linear.weight.nbytes
+    assert all(m.graph_bytes == m.activation_bytes + m.snapshot_bytes for m in measured)
+
+
+def test_what_user_loops_without_detach_do():
+    outcomes = {outcome.loop: outcome for outcome in user_loops_without_detach(windows=2, lr=0.1)}
+    plain, retained, fused = (outcomes[name] for name in USER_LOOPS)
+    assert plain.failed_at_window == 2 and "backward through the graph a second time" in plain.error
+    assert retained.failed_at_window == 2 and "modified by an inplace operation" in retained.error
+    assert retained.step_bumps_version is True
+    # Fused Adam runs silently, back-propagating window 1 with the weights already updated.
+    assert fused.failed_at_window is None and fused.error is None and fused.step_bumps_version is False
+    assert fused.gradient_error > 1e-3
+    assert outcomes[FASTLM_ARM].failed_at_window is None and outcomes[FASTLM_ARM].gradient_error < 1e-5
+    torch.manual_seed(0)
+    first_draw = torch.rand(1)
+    torch.manual_seed(0)
+    user_loops_without_detach()
+    assert torch.equal(torch.rand(1), first_draw)  # the caller's random stream is left alone
 
 
 def test_count_graph_nodes_grows_without_detach():

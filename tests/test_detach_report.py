@@ -1,0 +1,133 @@
+"""The Q2.1 report on what detach saves: its sentences from constructed numbers, its picture, and
+the report end to end on the small corpus."""
+import json
+
+import pytest
+
+from fastlm.cli import run_main
+from fastlm.compare import main as compare_main
+from fastlm.detach_report import conclusions
+from fastlm.graph_memory import FASTLM_ARM, USER_LOOPS
+
+MiB = 2**20
+TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
+        "--device", "cpu"]
+
+
+def _rows(activations, snapshots, timings, after=None):
+    """Per-window summaries as the report makes them: bytes in MiB, timings as (min, median, max)."""
+    rows = []
+    for k, (act, snap, (low, median, high)) in enumerate(zip(activations, snapshots, timings), 1):
+        rows.append({"chunk": k, "graph_bytes": int((act + snap) * MiB), "activation_bytes": int(act * MiB),
+                     "snapshot_bytes": int(snap * MiB), "bytes_after_step": 0 if after is None else after[k - 1],
+                     "step_s": median, "step_s_min": low, "step_s_max": high})
+    return rows
+
+
+FLAT = [(0.10, 0.11, 0.12)] * 3
+
+
+def test_growth_is_split_into_activations_and_snapshots_and_time_growth_is_claimed_by_the_rule():
+    detach = _rows([40, 40, 40], [0, 0, 0], FLAT)
+    no_detach = _rows([40, 80, 120], [20, 38, 56], [(0.10, 0.11, 0.12), (0.2, 0.21, 0.22), (0.30, 0.31, 0.33)])
+    text = conclusions(detach, no_detach, repeats=3)
+    assert text[0] == ("With detach, autograd holds 40.00 MiB at every one of the 3 windows right before the "
+                       "backward, and each backward frees all of it.")
+    assert text[1] == ("Without detach, window 1 holds 60.00 MiB (40.00 MiB of activations and 20.00 MiB of weight "
+                       "snapshots), and the graph grows by 58.00 MiB per window: 40.00 MiB of activations and 18.00 "
+                       "MiB of weight snapshots, to 176.00 MiB at window 3.")
+    assert text[2].startswith("With detach, the step time shows no clear growth: window 3's fastest of 3 timings, "
+                              "0.1 s, is no higher than window 1's slowest, 0.12 s")
+    assert text[3] == ("Without detach, the step time grows: window 3's fastest of 3 timings, 0.3 s, is 150% above "
+                       "window 1's slowest, 0.12 s (medians: 0.11 s at window 1, 0.31 s at window 3).")
+    assert text[4] == "The byte counts were identical in all 3 repeats."
+
+
+@pytest.mark.parametrize("fastest_last, expected", [
+    (0.144, "is only 20.00% above window 1's slowest, 0.12 s, not more than the rule's 20%"),  # the tie
+    (0.1441, "the step time grows: window 2's fastest of 3 timings, 0.144 s, is 20.1% above"),
+    (0.13, "is only 8% above window 1's slowest, 0.12 s, not more than the rule's 20%"),
+    (0.12, "is no higher than window 1's slowest, 0.12 s"),
+], ids=["tie", "just-above", "below-threshold", "equal"])
+def test_step_time_growth_needs_the_last_fastest_more_than_20_percent_above_the_first_slowest(fastest_last,
+                                                                                               expected):
+    rows = _rows([1, 2], [0, 1], [(0.10, 0.11, 0.12), (fastest_last, 0.2, 0.3)])
+    sentence = conclusions(rows, rows, repeats=3)[3]
+    assert expected in sentence
+    assert ("grows" in sentence) == (fastest_last > 1.2 * 0.12)
+
+
+def test_no_growth_and_changing_bytes_are_said_as_they_are():
+    still = _rows([5, 5, 5], [1, 1, 1], FLAT)
+    assert "and the graph does not grow: it holds the same at all 3 windows." in conclusions(still, still, 3)[1]
+    uneven = _rows([40, 40.5, 40], [0, 0, 0], FLAT, after=[0, 3 * MiB, 0])
+    sentence = conclusions(uneven, uneven, 3)[0]
+    assert "holds 40.00 to 40.50 MiB over the 3 windows" in sentence
+    assert "up to 3.00 MiB is still held after a step" in sentence
+    assert "the graph changes by -0.50 to 0.50 MiB per window" in conclusions(uneven, uneven, 3)[1]
+    assert "differed between repeats" in conclusions(still, still, 3, identical=False)[-1]
+
+
+def test_one_window_has_nothing_to_compare():
+    rows = _rows([40], [20], FLAT[:1])
+    text = conclusions(_rows([40], [0], FLAT[:1]), rows, repeats=1)
+    assert text[0].startswith("With detach, autograd holds 40.00 MiB at the one window")
+    assert text[1] == ("Without detach, window 1 holds 60.00 MiB (40.00 MiB of activations and 20.00 MiB of weight "
+                       "snapshots). With one window there is no later window to compare: pass --chunks 2 or more.")
+    assert len(text) == 2  # no step time to compare, and one run has no repeats to compare bytes across
+
+
+def test_a_single_timing_is_called_a_timing():
+    rows = _rows([1, 2], [0, 1], [(0.1, 0.1, 0.1), (0.5, 0.5, 0.5)])
+    assert conclusions(rows, rows, repeats=1)[3] == ("Without detach, the step time grows: window 2's timing, 0.5 s, "
+                                                     "is 400% above window 1's timing, 0.1 s.")
+
+
+def test_the_picture_draws_the_mean_loss_the_initial_state_and_each_windows_weights(tmp_path):
+    from fastlm.plots import unrolled_graph
+
+    texts = unrolled_graph(tmp_path / "graph.png", seq_len=3, chunks=2, nodes_with_detach=30, nodes_without=57)
+    assert (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
+    assert "$L_{1} = \\frac{1}{3}(\\ell_{1} + \\ell_{2} + \\ell_{3})$" in texts
+    assert "$L_{2} = \\frac{1}{3}(\\ell_{4} + \\ell_{5} + \\ell_{6})$" in texts
+    assert not any("\\sum" in text for text in texts)  # the loss is a mean, as F.cross_entropy's
+    assert any(text.startswith("$h_0, c_0$") for text in texts)
+    assert "$W^{(1)}$: W before any update" in texts and "$W^{(2)}$: W after 1 update" in texts
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(compare_main, argv)
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_detach_report_with_repeats(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "detach"
+    code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), "--chunks", "3", "--repeats", "2",
+                          *TINY], capsys)
+    assert code == 0, printed.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["repeats"] == 2 and report["bytes_identical_across_repeats"] is True
+    for label in ("detach", "no-detach"):
+        for row in report["results"][label]:
+            assert len(row["step_s_all"]) == 2 and row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
+            assert row["graph_bytes"] == row["activation_bytes"] + row["snapshot_bytes"]
+    assert {row["snapshot_bytes"] for row in report["results"]["detach"]} == {0}
+    assert all(row["snapshot_bytes"] > 0 for row in report["results"]["no-detach"])
+    outcomes = {o["loop"]: o for o in report["user_loops"]["outcomes"]}
+    assert set(outcomes) == {*USER_LOOPS, FASTLM_ARM}
+    text = (out / "report.md").read_text()
+    assert all(sentence in text for sentence in report["conclusions"])
+    assert "more than 20% above the first window's slowest" in text
+    assert "no detach: weight snapshots MiB" in text and "stops at window 2" in text
+    assert "differs from the true one by a relative error of" in text
+    for png in ("detach_memory.png", "unrolled_graph.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--chunks", "0")])
+def test_counts_below_one_are_refused_in_one_line(corpus_dir, tmp_path, capsys, flag, value):
+    out = tmp_path / "detach"
+    code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), flag, value, *TINY], capsys)
+    assert code == 2 and printed.err.strip().endswith(f"{flag} must be at least 1, got {value}")
+    assert len(printed.err.strip().splitlines()) == 1 and not out.exists()
