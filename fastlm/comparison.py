@@ -29,6 +29,7 @@ from fastlm.trainer import evaluate, perplexity, train
 
 MB = 2**20
 TF, FR = ARMS = ("teacher-forced", "free-running")
+OPTIMIZER_NAMES = {"adam": "Adam", "sgd": "SGD"}
 RARE_BELOW = 10  # a word fed fewer times than this in the text trained on is called rare
 # Two-sided 5% critical values of Student's t for 1 to 30 degrees of freedom (any statistics
 # table); past 30 the value for 30, which errs towards calling no difference.
@@ -320,8 +321,15 @@ def _perplexity_sentences(facts: dict) -> str:
 def _target_sentences(facts: dict) -> str:
     target, names, every = facts["target"], facts["names"], facts["eval_interval"]
     steps_said = lambda steps: ", ".join(str(step) if step else "not reached" for step in steps)
+    worse_curve = facts["curves"][target["worse"]]
     if target["given"]:
         text = f"Validation-sample perplexity {target['ppl']:.2f} (--target-ppl) was first reached at step"
+    elif worse_curve[-1][1] >= worse_curve[0][1]:
+        return (f"The {names[target['worse']]} models ended at a validation-sample perplexity of "
+                f"{worse_curve[-1][1]:.2f} (geometric mean over seeds, at step {worse_curve[-1][0]}), no better than "
+                f"at their first evaluation ({worse_curve[0][1]:.2f} at step {worse_curve[0][0]}): they did not "
+                "improve, so there is no level of theirs whose reaching could be timed (pass --target-ppl to time "
+                "one).")
     else:
         text = (f"The {names[target['worse']]} models ended at a validation-sample perplexity of "
                 f"{target['ppl']:.2f} (geometric mean over seeds, at step {facts['curves'][target['worse']][-1][0]}); "
@@ -406,7 +414,7 @@ def _write_markdown(path: Path, base: TrainConfig, facts: dict, runs: dict, num_
     reach = lambda arm: ", ".join(str(step) if step else "not reached" for step in target["reached"][arm])
     lines = [f"# Teacher forcing vs {names[FR]} ({steps} steps, {n} seed{_plural(facts)})", "",
              f"Model: embed {base.embed_size}, hidden {base.hidden_size}, {base.num_layers} layer(s); batch "
-             f"{base.batch_size}, seq_len {base.seq_len}, {base.optimizer} lr {base.lr}; seeds "
+             f"{base.batch_size}, seq_len {base.seq_len}, {OPTIMIZER_NAMES[base.optimizer]} lr {base.lr}; seeds "
              f"{', '.join(map(str, seeds))}. Data: `{base.data}`. Both arms train eagerly in fp32, each seed from the "
              "same initial weights. Perplexities are teacher-forced (the true previous word is always fed) for "
              f"both; the {names[FR]} arm feeds back the model's own prediction with probability 1 − P, across "

@@ -18,14 +18,19 @@ def _pyplot():
 
 
 def log_axis(ax) -> None:
-    """A log-scale y axis labelled in plain numbers at 1, 2 and 5 per decade: over a narrow range
-    (perplexities from 150 to 400, say) matplotlib's default labels only the powers of ten, often
-    one or two of them."""
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    """A log-scale y axis (call it once the data is drawn) labelled in plain numbers at 1, 2 and 5 per
+    decade over a narrow range (perplexities from 150 to 400, say: matplotlib's default labels only
+    the powers of ten, often one or two of them); over more than two decades, at the powers of ten."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter, ScalarFormatter
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    low, high = ax.get_ylim()
+    if high / low > 100:
+        ax.yaxis.set_major_locator(LogLocator(base=10))
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+    else:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 

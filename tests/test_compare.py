@@ -174,6 +174,25 @@ def test_log_scale_axes_label_several_ticks_over_a_narrow_range(tmp_path):
     assert all(text.strip("$").replace(".", "").isdigit() for text in labels if text)
 
 
+def test_log_scale_axes_over_many_decades_label_the_powers_of_ten(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastlm.plots import log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [250, 3000, 6.6e9])  # a diverging run beside a healthy one
+    log_axis(ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t, value in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= value <= high]
+    offset = ax.yaxis.get_offset_text().get_text()
+    plt.close(fig)
+    assert len(labels) >= 5 and all("10^{" in text for text in labels) and offset == "", (labels, offset)
+
+
 TF, FR = "teacher-forced", "free-running"
 
 
@@ -268,7 +287,10 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
     ({TF: [FAST] * 3, FR: [SLOW, SLOW, _curve(*[130] * 10)]}, 120.0,
      ["50, 50, not reached by the free-running ones", "Not every seed reached it, so no difference in speed is "
                                                      "called."]),
-], ids=["sooner", "not-separated", "not-every-seed"])
+    ({TF: [FAST] * 3, FR: [_curve(*range(100, 200, 10))] * 3}, None,
+     ["The free-running models ended at a validation-sample perplexity of 190.00 (geometric mean over seeds, at step "
+      "50), no better than at their first evaluation (100.00 at step 5): they did not improve"]),
+], ids=["sooner", "not-separated", "not-every-seed", "worse-arm-never-improved"])
 def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
     from fastlm.comparison import _target_sentences
 
