@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="teacher-forcing probability of the second model (default: 0, fully free running)")
     tf.add_argument("--schedule", default="constant", help=f"its decay: {', '.join(SCHEDULES)} (default: constant)")
     tf.add_argument("--seeds", type=int, default=3,
-                    help="seeds per model, from --seed on: the report calls a difference only when the seeds' "
-                         "ranges do not overlap (default: 3)")
-    tf.add_argument("--target-ppl", type=float, help="report the step each model first reaches this perplexity on "
-                    "the validation sample (default: the worse model's best, and when the other reached it)")
+                    help="seeds per model, from --seed on: the report calls a difference only when a t-test over "
+                         "the seeds finds it at the 5%% level (default: 3)")
+    tf.add_argument("--target-ppl", type=float, help="report the step each seed first reaches this perplexity on "
+                    "the validation sample (default: the level every seed of the worse arm had reached by its last "
+                    "evaluation)")
     tf.add_argument("--eval-interval", type=int,
                     help="steps between validation-sample evaluations, the resolution of those steps "
                          "(default: --steps / 25)")
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
         if bad is not None:
             p.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+        if args.eval_tokens is not None and args.eval_tokens < 1:
+            p.error(f"--eval-tokens must be at least 1, got {args.eval_tokens}")
         if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
             p.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
         report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule, args.target_ppl,

@@ -223,21 +223,30 @@ def _t_test(first: list[float], second: list[float], paired: bool) -> dict | Non
 
 def _facts(runs, start, pairs, fed, steps, seeds, eval_interval, target_ppl, names) -> dict:
     valid = {arm: [r["valid_ppl"] for r in runs[arm]] for arm in ARMS}
+    diverged = {arm: sum(not math.isfinite(v) for v in valid[arm]) for arm in ARMS}
     worse = max(ARMS, key=lambda arm: _geometric_mean(valid[arm]))
     curves = {arm: _mean_curve(runs[arm]) for arm in ARMS}
-    target = target_ppl if target_ppl is not None else curves[worse][-1][1]
+    # By default, the level every seed of the worse arm had reached by its last evaluation: the
+    # highest of their last points. None when some seed of it ended no better than it began.
+    improved = all(run["valid"][-1][1] < run["valid"][0][1] for run in runs[worse])
+    target = target_ppl if target_ppl is not None else max(run["valid"][-1][1] for run in runs[worse])
     reached = {arm: [_first_reach(run["valid"], target) for run in runs[arm]] for arm in ARMS}
+    timed = target_ppl is not None or (improved and not any(diverged.values()))
     all_reached = all(step is not None for arm in ARMS for step in reached[arm])
     return {
         "steps": steps, "seeds": seeds, "names": names, "eval_interval": eval_interval,
         "valid_tokens": runs[TF][0]["valid_tokens"],
         "valid": {arm: _ppl_spread(valid[arm]) for arm in ARMS},
         "test": {arm: _ppl_spread([r["test_ppl"] for r in runs[arm]]) for arm in ARMS},
+        "diverged": diverged,
         # On the losses (log-perplexities), the scale a model is trained and judged on.
-        "valid_test": _t_test([math.log(v) for v in valid[TF]], [math.log(v) for v in valid[FR]], paired=False),
+        "valid_test": None if any(diverged.values()) else
+        _t_test([math.log(v) for v in valid[TF]], [math.log(v) for v in valid[FR]], paired=False),
         "curves": curves,
-        "target": {"ppl": target, "given": target_ppl is not None, "worse": worse, "reached": reached,
-                   "test": _t_test(reached[TF], reached[FR], paired=False) if all_reached else None},
+        "target": {"ppl": target if timed else None, "given": target_ppl is not None, "worse": worse,
+                   "first_last": [(run["valid"][0][1], run["valid"][-1][1]) for run in runs[worse]],
+                   "reached": reached if timed else None,
+                   "test": _t_test(reached[TF], reached[FR], paired=False) if timed and all_reached else None},
         "pairs": {f"{a}/{b}": _pair_facts(runs, [s[f"{a}/{b}"] for s in start], f"{a}/{b}", fed, (a, b))
                   for a, b in pairs},
     }
@@ -279,7 +288,7 @@ def _plural(facts: dict) -> str:
 
 def _test_said(test: dict, of: str) -> str:
     kind = "a paired t-test" if test["paired"] else "Welch's t-test"
-    return f"{kind} on the seeds' {of}: t = {test['t']:.2f}, {test['df']} degree{'s' * (test['df'] > 1)} of freedom"
+    return f"{kind} on the seeds' {of}: t = {test['t']:.3g}, {test['df']} degree{'s' * (test['df'] > 1)} of freedom"
 
 
 def _conclusion(facts: dict) -> str:
@@ -295,6 +304,10 @@ def _perplexity_sentences(facts: dict) -> str:
             f"model{s} and {_fmt(valid[FR])} for the {names[FR]} one{s}{over}; test perplexity {_fmt(test[TF])} "
             f"and {_fmt(test[FR])}.")
     verdict = facts["valid_test"]
+    if any(facts["diverged"].values()):
+        counts = " and ".join(f"{k} of the {n} {names[arm]} seed{'s' * (n > 1)}"
+                              for arm, k in facts["diverged"].items() if k)
+        return text + f" {counts[0].upper()}{counts[1:]} ended with a non-finite perplexity (diverged): no test is made."
     if verdict is None:
         return text + (" One seed cannot tell a difference from seed-to-seed noise: run --seeds 3 or more before "
                        "calling either way of training better.")
@@ -309,6 +322,8 @@ def _perplexity_sentences(facts: dict) -> str:
         return text + f" No clear difference at this budget ({test_said}, not significant at the 5% level)."
     better, worse = verdict["lower"], FR if verdict["lower"] == TF else TF
     gap = 100 * (valid[worse]["mean"] - valid[better]["mean"]) / valid[worse]["mean"]
+    if f"{gap:.1f}" == "0.0":  # seeds that agree to the last digit: a "difference" too small to print
+        return text + " The two are equal to the precision printed: no difference to call."
     text += (f" The {names[better]} models are better, {gap:.1f}% lower ({test_said}, significant at the 5% "
              "level).")
     if better == TF and facts["names"][FR] == FR:
@@ -319,27 +334,28 @@ def _perplexity_sentences(facts: dict) -> str:
 
 
 def _target_sentences(facts: dict) -> str:
-    target, names, every = facts["target"], facts["names"], facts["eval_interval"]
+    target, names, every, seeds = facts["target"], facts["names"], facts["eval_interval"], facts["seeds"]
+    worse, s = names[target["worse"]], _plural(facts)
+    if target["ppl"] is None:
+        ends = "; ".join(f"seed {seed}: {first:.2f} → {last:.2f}" for seed, (first, last) in
+                         zip(seeds, target["first_last"]))
+        return (f"Not every {worse} model ended below its first validation-sample perplexity (first → last "
+                f"evaluation, {ends}), so there is no level they all worked towards whose reaching could be timed "
+                "(pass --target-ppl to time one).")
     steps_said = lambda steps: ", ".join(str(step) if step else "not reached" for step in steps)
-    worse_curve = facts["curves"][target["worse"]]
     if target["given"]:
         text = f"Validation-sample perplexity {target['ppl']:.2f} (--target-ppl) was first reached at step"
-    elif worse_curve[-1][1] >= worse_curve[0][1]:
-        return (f"The {names[target['worse']]} models ended at a validation-sample perplexity of "
-                f"{worse_curve[-1][1]:.2f} (geometric mean over seeds, at step {worse_curve[-1][0]}), no better than "
-                f"at their first evaluation ({worse_curve[0][1]:.2f} at step {worse_curve[0][0]}): they did not "
-                "improve, so there is no level of theirs whose reaching could be timed (pass --target-ppl to time "
-                "one).")
     else:
-        text = (f"The {names[target['worse']]} models ended at a validation-sample perplexity of "
-                f"{target['ppl']:.2f} (geometric mean over seeds, at step {facts['curves'][target['worse']][-1][0]}); "
-                "that level was first reached at step")
-    text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{_plural(facts)} and "
-             f"{steps_said(target['reached'][FR])} by the {names[FR]} one{_plural(facts)} (per seed; validation "
-             f"every {_step_count(every)} on the first {facts['valid_tokens']} validation tokens, so a step is known "
-             f"to within {_step_count(every)}).")
+        text = (f"Every {worse} model{s} had reached a validation-sample perplexity of {target['ppl']:.2f} by its "
+                f"last evaluation (step {facts['curves'][target['worse']][-1][0]}; the highest of "
+                f"{'their' if s else 'its'} last points); that level was first reached at step")
+    per_seed = "per seed; " if s else ""
+    text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{s} and "
+             f"{steps_said(target['reached'][FR])} by the {names[FR]} one{s} ({per_seed}validation every "
+             f"{_step_count(every)} on the first {facts['valid_tokens']} validation tokens, so each step is known "
+             f"to within {every}).")
     verdict = target["test"]
-    if len(facts["seeds"]) == 1:
+    if len(seeds) == 1:
         return text
     if verdict is None:
         return text + " Not every seed reached it, so no difference in speed is called."
@@ -383,7 +399,8 @@ def _distance_sentences(facts: dict, pair: str) -> str:
         direction = "closer together" if d["change"][moved]["mean"] < 0 else "apart"
         return text + (f" Only the {names[moved]} models moved the pair, {direction} ({significant}); the "
                        f"{names[unmoved[0]]} ones left it where it started.")
-    return text + f" The {names[verdict['lower']]} models place them closer ({significant})."
+    closer, farther = verdict["lower"], FR if verdict["lower"] == TF else TF
+    return text + f" The {names[closer]} models end with them closer than the {names[farther]} ones do ({significant})."
 
 
 # -- the report's files ----------------------------------------------------------------------------
@@ -411,7 +428,8 @@ def _band(curves: list[list], mean) -> tuple[list, list, list, list]:
 def _write_markdown(path: Path, base: TrainConfig, facts: dict, runs: dict, num_samples: int, conclusion: str) -> None:
     steps, seeds, target, names = facts["steps"], facts["seeds"], facts["target"], facts["names"]
     n = len(seeds)
-    reach = lambda arm: ", ".join(str(step) if step else "not reached" for step in target["reached"][arm])
+    reach = lambda arm: ("—" if target["reached"] is None else
+                         ", ".join(str(step) if step else "not reached" for step in target["reached"][arm]))
     lines = [f"# Teacher forcing vs {names[FR]} ({steps} steps, {n} seed{_plural(facts)})", "",
              f"Model: embed {base.embed_size}, hidden {base.hidden_size}, {base.num_layers} layer(s); batch "
              f"{base.batch_size}, seq_len {base.seq_len}, {OPTIMIZER_NAMES[base.optimizer]} lr {base.lr}; seeds "
@@ -427,7 +445,8 @@ def _write_markdown(path: Path, base: TrainConfig, facts: dict, runs: dict, num_
              f"| | {names[TF]} | {names[FR]} |", "| --- | --- | --- |",
              f"| validation perplexity | {_fmt(facts['valid'][TF])} | {_fmt(facts['valid'][FR])} |",
              f"| test perplexity | {_fmt(facts['test'][TF])} | {_fmt(facts['test'][FR])} |",
-             f"| first step at validation-sample perplexity ≤ {target['ppl']:.2f}, per seed (evaluated every "
+             f"| first step at validation-sample perplexity ≤ "
+             f"{'—' if target['ppl'] is None else format(target['ppl'], '.2f')}, per seed (evaluated every "
              f"{_step_count(facts['eval_interval'])}) | {reach(TF)} | {reach(FR)} |"]
     for pair, d in facts["pairs"].items():
         lines.append(f"| cosine distance {pair} (before training: {_fmt(d['start'], 4)}) | {_fmt(d[TF], 4)} | "

@@ -1,5 +1,6 @@
 """The comparison reports, end to end on the small corpus."""
 import json
+import math
 
 import pytest
 import torch
@@ -53,12 +54,13 @@ def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
         values = [r["valid_ppl"] for r in runs[arm]]
         assert facts["valid"][arm]["mean"] == pytest.approx((values[0] * values[1]) ** 0.5)  # geometric
         assert (facts["valid"][arm]["min"], facts["valid"][arm]["max"]) == (min(values), max(values))
-    # The default target: where the worse arm's mean validation-sample curve ended; per seed, the
-    # first evaluation at or below it.
+    # The default target: the level every seed of the worse arm had reached by its last evaluation
+    # (when each improved on its first); per seed, the first evaluation at or below it.
     target = facts["target"]
     worse = max(runs, key=lambda arm: runs[arm][0]["valid_ppl"] * runs[arm][1]["valid_ppl"])
     assert target["worse"] == worse
-    assert target["ppl"] == pytest.approx((runs[worse][0]["valid"][-1][1] * runs[worse][1]["valid"][-1][1]) ** 0.5)
+    assert all(r["valid"][-1][1] < r["valid"][0][1] for r in runs[worse])
+    assert target["ppl"] == max(runs[worse][0]["valid"][-1][1], runs[worse][1]["valid"][-1][1])
     for arm in runs:
         assert target["reached"][arm] == [next((step for step, ppl in r["valid"] if ppl <= target["ppl"]), None)
                                           for r in runs[arm]]
@@ -128,9 +130,11 @@ def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
     (["--target-ppl", "nan"], "--target-ppl must be a finite perplexity above 1, got nan"),
     (["--target-ppl", "0.5"], "--target-ppl must be a finite perplexity above 1, got 0.5"),
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--eval-tokens", "0"], "--eval-tokens must be at least 1, got 0"),
     (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
     (["--steps", "50", "--eval-interval", "60"], "--eval-interval 60 leaves no evaluation within --steps 50: lower it"),
-], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1", "no-seeds", "eval-interval-0",
+], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1", "no-seeds", "eval-tokens-0",
+        "eval-interval-0",
         "eval-interval-beyond-steps"])
 def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
                                                                 message):
@@ -239,7 +243,7 @@ def test_the_t_tests_match_hand_computed_values():
 @pytest.mark.parametrize("valid_tf, valid_fr, says, never_says", [
     ([100.0], [100.04], "One seed cannot tell a difference from seed-to-seed noise", "models are better"),
     ([100.0, 101.0, 99.0], [100.04, 99.5, 100.6], "No clear difference at this budget (Welch's t-test on the seeds' "
-                                                   "log-perplexities: t = -0.07, 3 degrees of freedom", "are better"),
+                                                   "log-perplexities: t = -0.0743, 3 degrees of freedom", "are better"),
     ([100.0, 100.0, 100.0], [100.0, 100.0, 100.0], "No clear difference", "models are better"),
     # Ranges that do not overlap are not enough: two seeds each, t = −2.8 with 1 degree of freedom.
     ([100.0, 101.0], [102.0, 103.0], "Every teacher-forced seed is better than every free-running seed, but with 2 "
@@ -250,7 +254,7 @@ def test_the_t_tests_match_hand_computed_values():
     ([239.76, 236.28, 239.13], [3525.13, 98785.71, 1700.8], "8397.97 (1700.80–98785.71) for the free-running ones",
      "models are better"),
     ([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], "The teacher-forced models are better, 9.9% lower (Welch's t-test "
-                                                   "on the seeds' log-perplexities: t = -13.43, 3 degrees of freedom, "
+                                                   "on the seeds' log-perplexities: t = -13.4, 3 degrees of freedom, "
                                                    "significant at the 5% level). A likely reason, which this report "
                                                    "does not measure", "No clear"),
     ([110.0, 112.0, 111.0], [100.0, 101.0, 99.0], "The free-running models are better", "likely reason"),
@@ -275,27 +279,47 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
 @pytest.mark.parametrize("curves, given, says", [
     ({TF: [FAST, _curve(190, 150, 118, 112, 100, 96, 92, 90, 89, 88), _curve(205, 150, 121, 109, 100, 95, 92, 91,
                                                                                89, 88)],
-      FR: [SLOW] * 3}, None,
-     ["The free-running models ended at a validation-sample perplexity of 120.00 (geometric mean over seeds, at "
-      "step 50); "
-      "that level was first reached at step 15, 15, 20 by the teacher-forced models and 50, 50, 50 by the "
-      "free-running ones (per seed; validation every 5 steps on the first 20000 validation tokens, so a step is "
-      "known to within 5 steps).", "The teacher-forced models got there sooner (Welch's t-test"]),
+      FR: [SLOW, _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 118), SLOW]}, None,
+     ["Every free-running models had reached", "of 120.00 by its last evaluation (step 50; the highest of their "
+      "last points); that level was first reached at step 15, 15, 20 by the teacher-forced models and 50, 50, 50 by "
+      "the free-running ones (per seed; validation every 5 steps on the first 20000 validation tokens, so each step "
+      "is known to within 5).", "The teacher-forced models got there sooner (Welch's t-test"]),
     ({TF: [FAST, SLOW, FAST], FR: [SLOW, FAST, SLOW]}, 120.0,
      ["Validation-sample perplexity 120.00 (--target-ppl) was first reached at step 15, 50, 15 by the",
       "not separated at this resolution"]),
     ({TF: [FAST] * 3, FR: [SLOW, SLOW, _curve(*[130] * 10)]}, 120.0,
      ["50, 50, not reached by the free-running ones", "Not every seed reached it, so no difference in speed is "
                                                      "called."]),
-    ({TF: [FAST] * 3, FR: [_curve(*range(100, 200, 10))] * 3}, None,
-     ["The free-running models ended at a validation-sample perplexity of 190.00 (geometric mean over seeds, at step "
-      "50), no better than at their first evaluation (100.00 at step 5): they did not improve"]),
-], ids=["sooner", "not-separated", "not-every-seed", "worse-arm-never-improved"])
+    ({TF: [FAST] * 3, FR: [_curve(*range(100, 200, 10)), SLOW, SLOW]}, None,
+     ["Not every free-running model ended below its first validation-sample perplexity (first → last evaluation, "
+      "seed 0: 100.00 → 190.00; seed 1: 250.00 → 120.00; seed 2: 250.00 → 120.00), so there is no level they all "
+      "worked towards"]),
+], ids=["sooner", "not-separated", "not-every-seed", "a-worse-seed-never-improved"])
 def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
     from fastlm.comparison import _target_sentences
 
     text = _target_sentences(_facts([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
     assert all(part in text for part in says), text
+
+
+def test_curves_evaluated_at_different_steps_are_refused():
+    from fastlm.comparison import TrainingError
+
+    with pytest.raises(TrainingError, match="not evaluated at the same steps"):
+        _facts([90.0, 91.0], [120.0, 121.0], curves={TF: [FAST, FAST[:-1]], FR: [SLOW, SLOW]})
+
+
+@pytest.mark.parametrize("valid_tf, valid_fr, says", [
+    ([100.0, math.inf, 99.0], [110.0, 112.0, 111.0], "1 of the 3 teacher-forced seeds ended with a non-finite "
+                                                     "perplexity (diverged): no test is made."),
+    ([100.0, 101.0, 99.0], [110.0, math.nan, math.inf], "2 of the 3 free-running seeds ended with a non-finite"),
+    ([100.0, 100.0, 100.0], [100.0 + 1e-9, 100.0 + 1e-9, 100.0 + 1e-9], "equal to the precision printed"),
+], ids=["one-diverged", "two-diverged", "apart-by-rounding"])
+def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_fr, says):
+    from fastlm.comparison import _conclusion
+
+    text = _conclusion(_facts(valid_tf, valid_fr))
+    assert says in text and "better" not in text and "sooner" not in text, text
 
 
 @pytest.mark.parametrize("kwargs, says, never_says", [
@@ -307,18 +331,19 @@ def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, s
       "With one seed this difference cannot be told"], "closer ("),
     # Distances start far apart across seeds; each seed's change is what counts (paired).
     (dict(valid=3, start=[0.45, 0.65, 0.85], tf=[0.40, 0.61, 0.79], fr=[0.46, 0.66, 0.86]),
-     ["The teacher-forced models place them closer (a paired t-test"], "Neither"),
+     ["The teacher-forced models end with them closer than the free-running ones do (a paired t-test"],
+     "Neither"),
     # Untouched rows in one arm, moved apart in the other: the untouched arm is not credited as closer
     # unless the other moved away beyond the spread; here it moved away consistently.
     (dict(valid=3, start=[0.65, 0.66, 0.64], tf=[0.65, 0.66, 0.64], fr=[0.70, 0.72, 0.69],
           updated={TF: {"army": 0, "taxpayer": 0}, FR: {"army": 3, "taxpayer": 3}}),
      ["never updated the vector of 'army'", "(change +0.000)", "(change +0.053)",
       "Only the free-running models moved the pair, apart (a paired t-test", "the teacher-forced ones left it where "
-                                                                               "it started"], "place them closer"),
+                                                                               "it started"], "end with them closer"),
     (dict(valid=3, start=[0.65, 0.66, 0.64], tf=[0.60, 0.67, 0.61], fr=[0.615, 0.63, 0.64], fed=3,
           updated={TF: {"army": 3, "taxpayer": 3}, FR: {"army": 2, "taxpayer": 3}}),
      ["Neither places them clearly closer (a paired t-test", "'army' occurs only 3 times",
-      "The free-running models updated the vector of 'army' in only 2 of 3 seeds"], "place them closer"),
+      "The free-running models updated the vector of 'army' in only 2 of 3 seeds"], "end with them closer"),
     (dict(valid=3, start=[0.65, 0.66, 0.64], updated={TF: {"army": 0, "taxpayer": 0}, FR: {"army": 0, "taxpayer": 0}}),
      ["Neither way of training moved this pair: there is nothing to compare"], "closer"),
 ], ids=["untouched-one-seed", "paired-changes", "untouched-against-moved", "within-the-spread-and-rare", "unmoved"])

@@ -131,3 +131,43 @@ def test_counts_below_one_are_refused_in_one_line(corpus_dir, tmp_path, capsys, 
     code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), flag, value, *TINY], capsys)
     assert code == 2 and printed.err.strip().endswith(f"{flag} must be at least 1, got {value}")
     assert len(printed.err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_each_window_reports_the_median_of_its_timings():
+    from fastlm.detach_report import _summarise
+
+    window = lambda k, seconds: {"chunk": k, "graph_bytes": 8, "step_s": seconds}
+    runs = [[window(1, 0.30), window(2, 0.9)], [window(1, 0.10), window(2, 0.5)], [window(1, 0.20), window(2, 0.1)]]
+    first, second = _summarise(runs)
+    assert (first["step_s"], first["step_s_min"], first["step_s_max"]) == (0.20, 0.10, 0.30)
+    assert (second["step_s"], second["step_s_all"]) == (0.5, [0.9, 0.5, 0.1])
+
+
+def test_growth_below_a_hundredth_of_a_mib_is_given_in_bytes_and_shrinking_is_called_so():
+    small = _rows([1, 1.001, 1.002], [0, 0, 0], FLAT)
+    sentence = conclusions(small, small, 3)[1]
+    assert "bytes per window" in sentence and "0.00 MiB per window" not in sentence, sentence
+    steady = _rows([0, 0, 0], [0, 0, 0], FLAT)
+    for k, row in enumerate(steady):
+        row["graph_bytes"] = row["activation_bytes"] = 1000 * k
+    assert "the graph grows by 1,000 bytes per window: 1,000 bytes of activations" in conclusions(steady, steady, 3)[1]
+    falling = _rows([3, 2, 1], [0, 0, 0], FLAT)
+    assert "the graph shrinks by -1.00 MiB per window" in conclusions(falling, falling, 3)[1]
+
+
+def test_the_table_shows_cuda_peaks_on_a_gpu():
+    from fastlm.detach_report import _table
+
+    rows = _rows([40, 80], [0, 18], FLAT[:2])
+    for k, row in enumerate(rows, 1):
+        row["cuda_peak_bytes"] = 100 * k * MiB
+    lines = _table({"detach": rows, "no-detach": rows}, cuda=True)
+    assert lines[0].endswith("CUDA peak MiB, detach | CUDA peak MiB, no detach |")
+    assert lines[1].count("---") == 9 and lines[3].endswith(" 200.0 | 200.0 |")
+    assert "CUDA" not in _table({"detach": rows, "no-detach": rows}, cuda=False)[0]
+
+
+def test_more_chunks_than_the_data_holds_are_refused(corpus_dir, tmp_path, capsys):
+    code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(tmp_path / "d"), "--chunks", "100000",
+                          *TINY], capsys)
+    assert code == 2 and "windows of 5: use fewer --chunks" in printed.err

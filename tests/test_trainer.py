@@ -133,6 +133,24 @@ def test_free_running_training_learns_and_logs_the_schedule(corpus_dir, tmp_path
     assert math.log(result.valid_ppl) < 0.75 * math.log(14)  # far below the 14 words of the uniform guess
 
 
+def test_free_running_feeds_each_windows_last_prediction_into_the_next(corpus_dir, tmp_path, monkeypatch):
+    calls, real_step = [], trainer.free_running_step
+
+    def recorded(*args, **kwargs):
+        loss, state, predicted = real_step(*args, **kwargs)
+        calls.append((args[-1], predicted))
+        return loss, state, predicted
+
+    monkeypatch.setattr(trainer, "free_running_step", recorded)
+    train(tiny(corpus_dir, tmp_path / "run", teacher_forcing=0.0, max_steps=140))  # 132 steps per epoch
+    assert len(calls) == 140
+    for k, (fed_back, _) in enumerate(calls):
+        if k in (0, 132):  # an epoch starts from the true word
+            assert fed_back is None, k
+        else:
+            assert torch.equal(fed_back, calls[k - 1][1]), k
+
+
 def test_checkpoint_holds_everything_and_loads_weights_only(corpus_dir, tmp_path):
     train(tiny(corpus_dir, tmp_path / "run", max_steps=7))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
