@@ -298,16 +298,18 @@ def _conclusion(facts: dict) -> str:
 
 
 def _perplexity_sentences(facts: dict) -> str:
-    valid, test, names, n, s = facts["valid"], facts["test"], facts["names"], len(facts["seeds"]), _plural(facts)
+    valid, test, names, n = facts["valid"], facts["test"], facts["names"], len(facts["seeds"])
+    plural = _plural(facts)
     over = f" (geometric mean over {n} seeds, lowest–highest in brackets)" if n > 1 else " (one seed)"
     text = (f"After {facts['steps']} steps the validation perplexity is {_fmt(valid[TF])} for the {names[TF]} "
-            f"model{s} and {_fmt(valid[FR])} for the {names[FR]} one{s}{over}; test perplexity {_fmt(test[TF])} "
-            f"and {_fmt(test[FR])}.")
+            f"model{plural} and {_fmt(valid[FR])} for the {names[FR]} one{plural}{over}; test perplexity "
+            f"{_fmt(test[TF])} and {_fmt(test[FR])}.")
     verdict = facts["valid_test"]
     if any(facts["diverged"].values()):
         counts = " and ".join(f"{k} of the {n} {names[arm]} seed{'s' * (n > 1)}"
                               for arm, k in facts["diverged"].items() if k)
-        return text + f" {counts[0].upper()}{counts[1:]} ended with a non-finite perplexity (diverged): no test is made."
+        return text + (f" {counts[0].upper()}{counts[1:]} ended with a non-finite perplexity (diverged): no test is "
+                       "made.")
     if verdict is None:
         return text + (" One seed cannot tell a difference from seed-to-seed noise: run --seeds 3 or more before "
                        "calling either way of training better.")
@@ -335,7 +337,7 @@ def _perplexity_sentences(facts: dict) -> str:
 
 def _target_sentences(facts: dict) -> str:
     target, names, every, seeds = facts["target"], facts["names"], facts["eval_interval"], facts["seeds"]
-    worse, s = names[target["worse"]], _plural(facts)
+    worse, plural = names[target["worse"]], _plural(facts)
     if target["ppl"] is None:
         ends = "; ".join(f"seed {seed}: {first:.2f} → {last:.2f}" for seed, (first, last) in
                          zip(seeds, target["first_last"]))
@@ -346,12 +348,12 @@ def _target_sentences(facts: dict) -> str:
     if target["given"]:
         text = f"Validation-sample perplexity {target['ppl']:.2f} (--target-ppl) was first reached at step"
     else:
-        text = (f"Every {worse} model{s} had reached a validation-sample perplexity of {target['ppl']:.2f} by its "
+        text = (f"Every {worse} model had reached a validation-sample perplexity of {target['ppl']:.2f} by its "
                 f"last evaluation (step {facts['curves'][target['worse']][-1][0]}; the highest of "
-                f"{'their' if s else 'its'} last points); that level was first reached at step")
-    per_seed = "per seed; " if s else ""
-    text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{s} and "
-             f"{steps_said(target['reached'][FR])} by the {names[FR]} one{s} ({per_seed}validation every "
+                f"{'their' if plural else 'its'} last points); that level was first reached at step")
+    per_seed = "per seed; " if plural else ""
+    text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{plural} and "
+             f"{steps_said(target['reached'][FR])} by the {names[FR]} one{plural} ({per_seed}validation every "
              f"{_step_count(every)} on the first {facts['valid_tokens']} validation tokens, so each step is known "
              f"to within {every}).")
     verdict = target["test"]
@@ -367,36 +369,36 @@ def _target_sentences(facts: dict) -> str:
 
 
 def _distance_sentences(facts: dict, pair: str) -> str:
-    d, names, n, s = facts["pairs"][pair], facts["names"], len(facts["seeds"]), _plural(facts)
-    change = lambda arm: f"{d['change'][arm]['mean']:+.3f}"
-    text = (f"The cosine distance of {pair} is {_fmt(d['start'], 3)} before training, {_fmt(d[TF], 3)} after it "
-            f"for the {names[TF]} model{s} (change {change(TF)}) and {_fmt(d[FR], 3)} for the {names[FR]} one{s} "
-            f"(change {change(FR)}).")
-    for word, times in d["fed"].items():
+    pair_facts, names, n, plural = facts["pairs"][pair], facts["names"], len(facts["seeds"]), _plural(facts)
+    change = lambda arm: f"{pair_facts['change'][arm]['mean']:+.3f}"
+    text = (f"The cosine distance of {pair} is {_fmt(pair_facts['start'], 3)} before training, "
+            f"{_fmt(pair_facts[TF], 3)} after it for the {names[TF]} model{plural} (change {change(TF)}) and "
+            f"{_fmt(pair_facts[FR], 3)} for the {names[FR]} one{plural} (change {change(FR)}).")
+    for word, times in pair_facts["fed"].items():
         if times == 0:
             text += f" '{word}' does not occur in the text trained on."
         elif times < RARE_BELOW:
             text += f" '{word}' occurs only {times} time{'s' * (times > 1)} in the text trained on."
     for arm in ARMS:
-        for word, updated in d["updated"][arm].items():
+        for word, updated in pair_facts["updated"][arm].items():
             if updated == 0:
-                text += (f" The {names[arm]} model{s} never updated the vector of '{word}': it is still the "
+                text += (f" The {names[arm]} model{plural} never updated the vector of '{word}': it is still the "
                          "untrained one.")
             elif updated < n:
                 text += f" The {names[arm]} models updated the vector of '{word}' in only {updated} of {n} seeds."
-    if all(d[arm]["values"] == d["start"]["values"] for arm in ARMS):
+    if all(pair_facts[arm]["values"] == pair_facts["start"]["values"] for arm in ARMS):
         return text + " Neither way of training moved this pair: there is nothing to compare."
-    verdict = d["test"]
+    verdict = pair_facts["test"]
     if verdict is None:
         return text + " With one seed this difference cannot be told from seed-to-seed noise."
     if verdict["lower"] is None:
         return text + (f" Neither places them clearly closer ({_test_said(verdict, 'distances')}, not significant "
                        "at the 5% level).")
     significant = f"{_test_said(verdict, 'distances')}, significant at the 5% level"
-    unmoved = [arm for arm in ARMS if d[arm]["values"] == d["start"]["values"]]
+    unmoved = [arm for arm in ARMS if pair_facts[arm]["values"] == pair_facts["start"]["values"]]
     if unmoved:  # a difference, but made by one arm alone: say which
         moved = FR if unmoved[0] == TF else TF
-        direction = "closer together" if d["change"][moved]["mean"] < 0 else "apart"
+        direction = "closer together" if pair_facts["change"][moved]["mean"] < 0 else "apart"
         return text + (f" Only the {names[moved]} models moved the pair, {direction} ({significant}); the "
                        f"{names[unmoved[0]]} ones left it where it started.")
     closer, farther = verdict["lower"], FR if verdict["lower"] == TF else TF

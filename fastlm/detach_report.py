@@ -206,8 +206,9 @@ def _markdown(report: dict, base: TrainConfig, device) -> list[str]:
              "autograd keeps for backward, counted exactly with `saved_tensors_hooks` right before each window's "
              "backward. Parameters are not counted, except the weight snapshots that the no-detach arm's retained "
              "graphs need (see below), shown as their own column. \"No detach\" is fastlm's measured arm: true "
-             "BPTT through every earlier window, `retain_graph=True` plus those weight snapshots; what a loop that "
-             "merely leaves out `detach()` does is below.", "", "![memory](detach_memory.png)", "",
+             "BPTT through every earlier window, `retain_graph=True` plus those weight snapshots (its step times "
+             "include making them); what a loop that merely leaves out `detach()` does is below.", "",
+             "![memory](detach_memory.png)", "",
              *_table(report["results"], device.type == "cuda"), "", "## Conclusions", "",
              *(f"- {sentence}" for sentence in report["conclusions"]), "", TIME_RULE, "",
              *_what_no_detach_means(report["user_loops"]), "", "## The unrolled graph", "",

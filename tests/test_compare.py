@@ -280,7 +280,7 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
     ({TF: [FAST, _curve(190, 150, 118, 112, 100, 96, 92, 90, 89, 88), _curve(205, 150, 121, 109, 100, 95, 92, 91,
                                                                                89, 88)],
       FR: [SLOW, _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 118), SLOW]}, None,
-     ["Every free-running models had reached", "of 120.00 by its last evaluation (step 50; the highest of their "
+     ["Every free-running model had reached", "of 120.00 by its last evaluation (step 50; the highest of their "
       "last points); that level was first reached at step 15, 15, 20 by the teacher-forced models and 50, 50, 50 by "
       "the free-running ones (per seed; validation every 5 steps on the first 20000 validation tokens, so each step "
       "is known to within 5).", "The teacher-forced models got there sooner (Welch's t-test"]),
