@@ -348,9 +348,10 @@ def _target_sentences(facts: dict) -> str:
     if target["given"]:
         text = f"Validation-sample perplexity {target['ppl']:.2f} (--target-ppl) was first reached at step"
     else:
-        text = (f"Every {worse} model had reached a validation-sample perplexity of {target['ppl']:.2f} by its "
-                f"last evaluation (step {facts['curves'][target['worse']][-1][0]}; the highest of "
-                f"{'their' if plural else 'its'} last points); that level was first reached at step")
+        which = (f"Every {worse} model", "; the highest of their last points") if plural else (f"The {worse} model", "")
+        text = (f"{which[0]} had reached a validation-sample perplexity of {target['ppl']:.2f} by its last "
+                f"evaluation (step {facts['curves'][target['worse']][-1][0]}{which[1]}); that level was first reached "
+                "at step")
     per_seed = "per seed; " if plural else ""
     text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{plural} and "
              f"{steps_said(target['reached'][FR])} by the {names[FR]} one{plural} ({per_seed}validation every "

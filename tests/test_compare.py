@@ -302,6 +302,16 @@ def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, s
     assert all(part in text for part in says), text
 
 
+def test_one_seed_times_the_target_without_a_test():
+    from fastlm.comparison import _target_sentences
+
+    text = _target_sentences(_facts([90.0], [120.0], curves={TF: [FAST], FR: [SLOW]}))
+    assert text == ("The free-running model had reached a validation-sample perplexity of 120.00 by its last "
+                    "evaluation (step 50); that level was first reached at step 15 by the teacher-forced model and 50 "
+                    "by the free-running one (validation every 5 steps on the first 20000 validation tokens, so each "
+                    "step is known to within 5).")
+
+
 def test_curves_evaluated_at_different_steps_are_refused():
     from fastlm.comparison import TrainingError
 
