@@ -191,7 +191,9 @@ def _curve_steps(runs: list[dict]) -> list[int]:
 
 
 def _mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
-    return [(step, _geometric_mean(run["valid"][k][1] for run in runs)) for k, step in enumerate(_curve_steps(runs))]
+    _curve_steps(runs)
+    steps, means, _, _ = _band([run["valid"] for run in runs], _geometric_mean)
+    return list(zip(steps, means))
 
 
 def _first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
