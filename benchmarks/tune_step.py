@@ -1,6 +1,6 @@
 """Sweep the fused step kernels' block configurations on a GPU; keep the fastest per shape.
 
-    python -m benchmarks.tune_step [--out kernels/step_configs.json] [--seconds 50] [--jobs 8]
+    python -m benchmarks.tune_step [--out kernels/step_configs.json] [--seconds 50] [--jobs 8] [--compile-only]
 
 For each shape in SHAPES, in bf16 (the dtype `--backend auto` runs the kernel in), and each kernel
 (the forward step, the backward step), every configuration of `candidates()` runs a layer's T = 30
@@ -9,7 +9,11 @@ difference. Each candidate's result is checked against the rule's configuration 
 wrong configuration is refused. The fastest per (kernel, shape) goes into the table that
 `fused_lstm.step_config` reads. Every candidate is one `benchmarks.compile_check` builds for sm_90
 without register spills. Triton compiles the candidates first, in parallel worker processes that
-fill its on-disk cache, so that the timed loop starts warm; `--seconds` bounds that loop.
+fill its on-disk cache, so that the timed loop starts warm; `--seconds` bounds that loop, and
+`--compile-only` stops after the compiles (gpu_check.sh runs them as a step of their own).
+
+It runs on the GPU path (benchmarks/conftest.py): rehearsed on the CPU, at a tiny shape, the rule
+and one other candidate per kernel, the kernels interpreted and the graphs simulated.
 """
 from __future__ import annotations
 
@@ -20,17 +24,19 @@ import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 
 import torch
 
+from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, synchronize
 from fastlm.graphs import GraphAPI, graph_api
-from fastlm.kernels.fused_lstm import (TUNED_CONFIGS, StepConfig, device_name, interpreting, lstm_backward,
-                                       lstm_forward, rule_step_config, tuned_key)
+from fastlm.kernels.fused_lstm import (TUNED_CONFIGS, StepConfig, device_name, interpreting, lstm_backward_op,
+                                       lstm_forward, lstm_forward_op, rule_step_config, tuned_key)
 
 SHAPES = ((20, 1024), (64, 1024))  # (B, H): the default run and a larger batch, at T = 30, E = 128
 SEQ_LEN, EMBED = 30, 128
+REHEARSAL_SHAPES, REHEARSAL_LAYER = ((3, 16),), {"seq_len": 2, "embed": 8}
 DTYPE = torch.bfloat16
 WARPS_AND_STAGES = ((4, 3), (4, 4), (8, 3))
 KERNELS = ("fwd", "bwd")
@@ -63,11 +69,13 @@ def layer(batch: int, hidden: int, device, dtype=DTYPE, seq_len: int = SEQ_LEN, 
 
 
 def run_kernel(kernel: str, cfg: StepConfig, inputs, saved, upstream):
-    """One layer's worth of the kernel's steps (and what surrounds them in the launcher)."""
+    """One layer's worth of the kernel's steps (and what surrounds them in the launcher), through
+    the custom op, as the model runs it (and as a graph, real or simulated, records it)."""
+    config = list(astuple(cfg))
     if kernel == "fwd":
-        return lstm_forward(*inputs, cfg=cfg)
+        return lstm_forward_op(*inputs, config=config)
     x, h0, c0, w_ih, w_hh, _, _ = inputs
-    return lstm_backward(*upstream, x, h0, c0, w_ih, w_hh, *saved, cfg=cfg)
+    return lstm_backward_op(*upstream, x, h0, c0, w_ih, w_hh, *saved, config=config)
 
 
 def _relative_error(got, want) -> float:
@@ -77,42 +85,44 @@ def _relative_error(got, want) -> float:
 
 def time_replays(fn, graphs: GraphAPI, replays: int, device) -> float:
     """Seconds per replay of `fn` captured as one graph: the median of five timed batches."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    device = torch.device(device).type
     with graphs.side_stream():
         fn()
     graph = graphs.capture(fn, dict)  # every tensor fn touches is made inside it or held by the caller
     batches = []
     for _ in range(5):
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(replays):
             graph.replay()
-        sync()
+        synchronize(device)
         batches.append((time.perf_counter() - start) / replays)
     return statistics.median(batches)
 
 
-def _warm(items: list[tuple[str, int, int, StepConfig]], device: str = "cuda", **layer_options) -> int:
-    """A worker process: run each (kernel, B, H, config) once, so that Triton's cache holds it. A
-    configuration that fails here is left for the timed loop to record. Returns how many ran."""
-    layers, ran = {}, 0
+def _warm(items: list[tuple[str, int, int, StepConfig]], device: str = "cuda", layer_options=None) -> list[str]:
+    """A worker process: run each (kernel, B, H, config) once, so that Triton's cache holds it.
+    Returns the failures, one line each (the timed loop records them again and passes them over)."""
+    layers, failed = {}, []
     for kernel, batch, hidden, cfg in items:
         if (batch, hidden) not in layers:
-            layers[batch, hidden] = layer(batch, hidden, device, **layer_options)
+            layers[batch, hidden] = layer(batch, hidden, device, **(layer_options or {}))
         try:
             run_kernel(kernel, cfg, *layers[batch, hidden])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ran += 1
-        except Exception:  # noqa: BLE001 (recorded with its reason by `sweep`)
-            pass
-    return ran
+            synchronize(device)
+        except Exception as err:  # noqa: BLE001 (e.g. more shared memory than this GPU has)
+            failed.append(f"{kernel} B{batch} H{hidden} {cfg}: {type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0]}")
+    return failed
 
 
-def compile_in_parallel(jobs: int, shapes=SHAPES) -> None:
-    items = [(kernel, b, h, cfg) for b, h in shapes for kernel in KERNELS for cfg in candidates(b, h)]
+def compile_in_parallel(jobs: int, shapes=SHAPES, configs=candidates, device: str = "cuda",
+                        layer_options=None) -> tuple[int, list[str]]:
+    """Every candidate compiled (run once) in `jobs` processes: how many there were, and which failed."""
+    items = [(kernel, b, h, cfg) for b, h in shapes for kernel in KERNELS for cfg in configs(b, h)]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        pool.map(_warm, [items[i::jobs] for i in range(jobs)])
+        failed = pool.starmap(_warm, [(items[i::jobs], device, layer_options) for i in range(jobs)])
+    return len(items), [line for lines in failed for line in lines]
 
 
 def sweep(device, graphs: GraphAPI, shapes=SHAPES, seconds: float = 50.0, replays: int = 20,
@@ -182,17 +192,31 @@ def main(argv=None) -> int:
     p.add_argument("--report", help="also write every timed row here (default: no report)")
     p.add_argument("--seconds", type=float, default=50.0, help="time for the timed loop (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=8, help="parallel compile processes, 0 for none (default: %(default)s)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="stop after the compiles; exit 1 if a rule's configuration failed (default: sweep too)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() or interpreting():
-        print("error: the sweep times compiled kernels on a CUDA GPU (unset TRITON_INTERPRET)", file=sys.stderr)
+    if not GPU_PATH:
+        print("error: the sweep times compiled kernels on a CUDA GPU (unset TRITON_INTERPRET), or rehearses on the "
+              "CPU with FASTLM_SIMULATE_CUDA_GRAPHS=1 TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    if CUDA:
+        shapes, configs, replays, layer_options = SHAPES, candidates, 20, {}
+    else:  # a rehearsal: what the GPU runs, small enough for the interpreter
+        shapes, configs, replays, layer_options = REHEARSAL_SHAPES, lambda b, h: candidates(b, h)[:2], 1, REHEARSAL_LAYER
     started = time.perf_counter()
+    if args.compile_only:
+        count, failed = compile_in_parallel(max(args.jobs, 1), shapes, configs, DEVICE, layer_options)
+        print("\n".join(failed + [f"{count - len(failed)} of {count} candidates compiled in "
+                                   f"{time.perf_counter() - started:.0f} s"]))
+        rules = {f"{kernel} B{b} H{h} {configs(b, h)[0]}:" for b, h in shapes for kernel in KERNELS}
+        return 1 if any(line.split(": ")[0] + ":" in rules for line in failed) else 0
     if args.jobs:
-        compile_in_parallel(args.jobs)
+        compile_in_parallel(args.jobs, shapes, configs, DEVICE, layer_options)
     compiled = time.perf_counter() - started
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     gpu = device_name(device)
-    rows = sweep(device, graph_api(device), seconds=args.seconds)
+    rows = sweep(device, graph_api(device), shapes, seconds=args.seconds, replays=replays, configs=configs,
+                 **layer_options)
     table = fastest(rows, gpu)
     for entry in table:
         print(f"{entry['key']:24} {entry['config']}  {entry['seconds'] * 1e6:8.1f} us  "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -180,6 +181,7 @@ class _Recorder(TorchDispatchMode):
         self.outside: set[int] = set()  # storages of the tensors from outside that the ops were given
         self.overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outside tensor, its value before)
         self._saved: set[int] = set()
+        self.inside_op = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -192,7 +194,11 @@ class _Recorder(TorchDispatchMode):
             return func(*args, **kwargs)
         self.outside.update(s for s in map(_storage, _tensors((args, kwargs))) if s not in self.pool)
         self._save_what_it_writes(func, args, kwargs)
-        out = func(*args, **kwargs)
+        self.inside_op = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.inside_op = False
         for spec, returned in zip(func._schema.returns, out if len(func._schema.returns) > 1 else (out,)):
             if spec.alias_info is None:  # new memory, unless an op returns its input's storage unannounced
                 self.pool.update((_storage(t), t) for t in _tensors(returned) if _storage(t) not in self.outside)
@@ -220,6 +226,30 @@ class _Recorder(TorchDispatchMode):
 
 
 _AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU).add(torch._C.DispatchKey.AutocastCUDA)
+
+
+@contextlib.contextmanager
+def _triton_launches_only_inside_ops(recorder: _Recorder):
+    """A Triton kernel launched from Python is no dispatched op: the record would hold the
+    interpreter's copies of its arguments but not the kernel. Inside a custom op it is one op."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    if interpreter is None:  # no kernel has been interpreted in this process
+        yield
+        return
+    run = interpreter.InterpretedFunction.run
+
+    def guarded(kernel, *args, **kwargs):
+        if not recorder.inside_op:
+            raise RuntimeError(f"simulated CUDA graph: the captured function launches the Triton kernel "
+                               f"{kernel.__name__} outside a torch custom op; a real graph would record it, the "
+                               "simulation cannot (launch it from a torch.library.custom_op)")
+        return run(kernel, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = guarded
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = run
 
 
 class SimulatedGraph:
@@ -256,7 +286,7 @@ class SimulatedGraphs:
     def capture(self, fn: Callable[[], None], buffers: Buffers) -> Graph:
         recorder, before = _Recorder(), _addresses(buffers())
         try:
-            with _NoHostTransfers(), recorder:
+            with _NoHostTransfers(), _triton_launches_only_inside_ops(recorder), recorder:
                 fn()
         finally:
             recorder.undo()

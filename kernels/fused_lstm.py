@@ -33,6 +33,11 @@ tanh(x) = 2σ(2x) − 1: libdevice's tanh fails under the interpreter and (1−e
 gives inf/inf = NaN for large |x|. Under TRITON_INTERPRET=1, `tl.dot` on bfloat16 multiplies the
 raw bit patterns (triton-lang/triton#11584), so the launchers set DOT_FP32 to upcast bf16 dot
 operands to fp32 there; compiled GPU code keeps bf16 on the tensor cores.
+
+Ops. fused_lstm runs the launchers as the torch custom ops fastlm::lstm_forward and
+fastlm::lstm_backward (with autograd and fake, shape-only, implementations): a raw Triton launch is
+invisible to the dispatcher, so a TorchDispatchMode (the simulated CUDA graph) would not record it
+and torch.compile could not trace it.
 """
 from __future__ import annotations
 
@@ -315,21 +320,23 @@ def lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cfg: StepCon
 
 
 def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act, cfg: StepConfig | None = None):
-    """Backward of one layer: the T step kernels in reverse, then the weight-gradient matmuls."""
+    """Backward of one layer: the T step kernels in reverse, then the weight-gradient matmuls.
+    d_out, d_hn, d_cn may be None (that output took no part in the loss). Returns d_x, d_h0,
+    d_c0 (in c0's dtype), d_weight_ih, d_weight_hh and d_bias (the gradient of either bias)."""
     B, T, _ = x.shape
     H = h0.shape[1]
     dtype = x.dtype
     cfg = cfg or step_config(B, H, dtype, "bwd", x.device)
     d_gates = torch.empty(B, T, 4 * H, device=x.device, dtype=dtype)  # dG, rows (b, t) for the matmuls
-    d_out = d_out.contiguous()
-    dc = d_cn.float().clone().contiguous()
-    c0 = c0.float().contiguous()
+    d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+    dc = torch.zeros(B, H, device=x.device, dtype=torch.float32) if d_cn is None else d_cn.float().clone().contiguous()
+    c0_dtype, c0 = c0.dtype, c0.float().contiguous()
     w_hh = weight_hh.contiguous()
     grid = _grid(cfg, B, H)
     with launch_device(x.device):
         for t in reversed(range(T)):
             last = t == T - 1
-            d_out_t = (d_out[:, t] + d_hn).contiguous() if last else d_out[:, t]
+            d_out_t = (d_out[:, t] + d_hn).contiguous() if last and d_hn is not None else d_out[:, t]
             c_prev = c[t - 1] if t > 0 else c0
             dg_next = d_gates[:, t if last else t + 1]  # not read when t = T − 1
             _lstm_bwd_step[grid](
@@ -346,26 +353,65 @@ def lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, ac
     d_weight_ih = d_flat.t() @ x.reshape(B * T, -1)
     d_weight_hh = d_flat.t() @ h_prev
     d_bias = d_flat.sum(0, dtype=torch.float32).to(dtype)
-    return d_x, d_h0, dc, d_weight_ih, d_weight_hh, d_bias
+    return d_x, d_h0, dc.to(c0_dtype), d_weight_ih, d_weight_hh, d_bias
 
 
-# -- autograd ------------------------------------------------------------------------------------
+# -- custom ops ----------------------------------------------------------------------------------
+# An op cannot take a StepConfig, so `config` is its fields as a list (block_b, block_n, block_k,
+# num_warps, num_stages), None for step_config's choice: the tuning sweep times candidates through
+# the ops, so that a simulated CUDA graph records them. Fake implementations must match the real
+# outputs' shapes, dtypes and (contiguous) strides.
 
 
-class FusedLSTMFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
-        out, c, act = lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, out, c, act)
-        return out, out[:, -1].clone(), c[-1].clone()  # cN stays fp32, as c is inside the kernel
+def _step_config(config: list[int] | None) -> StepConfig | None:
+    return None if config is None else StepConfig(*config)
 
-    @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
-        x, h0, c0, weight_ih, weight_hh, out, c, act = ctx.saved_tensors
-        d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_bias = lstm_backward(
-            d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act
-        )
-        return d_x, d_h0, d_c0.to(c0.dtype), d_w_ih, d_w_hh, d_bias, d_bias
+
+@torch.library.custom_op("fastlm::lstm_forward", mutates_args=())
+def lstm_forward_op(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                    bias_hh: Tensor, config: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """fused_lstm's out, hN, cN, then c and act for the backward (not differentiable)."""
+    out, c, act = lstm_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, _step_config(config))
+    return out, out[:, -1].clone(), c[-1].clone(), c, act  # an op's outputs may not alias one another
+
+
+@lstm_forward_op.register_fake
+def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, config=None):
+    B, T, _ = x.shape
+    H = h0.shape[1]
+    fp32 = torch.float32
+    return (x.new_empty(B, T, H), x.new_empty(B, H), x.new_empty(B, H, dtype=fp32),
+            x.new_empty(T, B, H, dtype=fp32), x.new_empty(T, B, 4 * H, dtype=fp32))
+
+
+@torch.library.custom_op("fastlm::lstm_backward", mutates_args=())
+def lstm_backward_op(d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None, x: Tensor, h0: Tensor,
+                     c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, out: Tensor, c: Tensor,
+                     act: Tensor, config: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`lstm_backward`: d_x, d_h0, d_c0 (in c0's dtype), d_weight_ih, d_weight_hh, d_bias."""
+    return lstm_backward(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act, _step_config(config))
+
+
+@lstm_backward_op.register_fake
+def _(d_out, d_hn, d_cn, x, h0, c0, weight_ih, weight_hh, out, c, act, config=None):
+    return (x.new_empty(x.shape), x.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(weight_ih.shape),
+            x.new_empty(weight_hh.shape), x.new_empty(weight_hh.shape[0]))
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, h0, c0, weight_ih, weight_hh, _, _, _ = inputs
+    out, _, _, c, act = output
+    ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, out, c, act)
+    ctx.mark_non_differentiable(c, act)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate and read
+
+
+def _backward(ctx, d_out, d_hn, d_cn, _d_c, _d_act):
+    d_x, d_h0, d_c0, d_weight_ih, d_weight_hh, d_bias = lstm_backward_op(d_out, d_hn, d_cn, *ctx.saved_tensors)
+    return d_x, d_h0, d_c0, d_weight_ih, d_weight_hh, d_bias, d_bias, None
+
+
+lstm_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # -- public function -----------------------------------------------------------------------------
@@ -407,7 +453,8 @@ def _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
 def fused_lstm(
     x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer, batch-first, computed by the fused Triton step kernels; differentiable.
+    """One LSTM layer, batch-first, computed by the fused Triton step kernels (through the op
+    fastlm::lstm_forward); differentiable.
 
     Args:
         x: (B, T, E) inputs.
@@ -422,4 +469,5 @@ def fused_lstm(
         loses nothing (pass it back as c0).
     """
     _check_inputs(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    return FusedLSTMFunction.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    out, h_n, c_n, _, _ = lstm_forward_op(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    return out, h_n, c_n

@@ -425,6 +425,19 @@ def test_a_simulated_capture_refuses_what_a_cuda_graph_capture_refuses(case):
     assert t.tolist() == [0.5, -1.0, 2.0], "a capture runs nothing: what it wrote is put back, also when refused"
 
 
+def test_a_simulated_capture_records_the_fused_kernel_as_ops_and_refuses_a_bare_launch():
+    from fastlm.kernels.fused_lstm import lstm_forward, lstm_forward_op
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(shape) for shape in ((2, 2, 4), (2, 16), (2, 16), (64, 4), (64, 16), (64,), (64,))]
+    with pytest.raises(RuntimeError, match="launches the Triton kernel _lstm_fwd_step outside a torch custom op"):
+        SimulatedGraphs().capture(lambda: lstm_forward(*inputs), dict)
+    out = torch.empty(2, 2, 16)
+    graph = SimulatedGraphs().capture(lambda: out.copy_(lstm_forward_op(*inputs)[0]), lambda: {"out": out})
+    graph.replay()
+    assert torch.equal(out, lstm_forward_op(*inputs)[0]), "the replayed record ran the kernel"
+
+
 def test_a_simulated_replay_repeats_the_recorded_ops_not_the_python():
     total, scale, calls = torch.ones(()), [2.0], []
 

@@ -12,10 +12,13 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from conftest import REPO
 from fastlm.kernels import fused_lstm, naive_lstm
-from fastlm.kernels.fused_lstm import interpreting, launch_device
+from fastlm.kernels.fused_lstm import interpreting, launch_device, lstm_backward, lstm_forward
 from fastlm.lstm import LSTM
 from helpers import TOLERANCE, assert_rel_close
 
@@ -174,6 +177,109 @@ def test_two_stacked_layers_through_fastlm_lstm(dtype, nan_empty):
     names = ["out", "hN", "cN", "grad x"] + [f"grad {n}" for n, _ in reference.named_parameters()]
     for name, a, b in zip(names, got, want):
         assert_rel_close(a, b, TOLERANCE[dtype], name)
+
+
+@pytest.mark.parametrize("used", [("out",), ("hN",), ("cN",), ("hN", "cN")], ids="+".join)
+def test_outputs_left_out_of_the_loss_reach_the_backward_as_none(used, nan_empty):
+    # Autograd passes None for an output the loss does not use; the backward takes it as zero.
+    B, T, E, H = 3, 4, 8, 16
+    inputs = lstm_inputs(B, T, E, H)
+    shapes = {"out": (B, T, H), "hN": (B, H), "cN": (B, H)}
+    upstream = {name: torch.randn(shapes[name], dtype=torch.float64, device=DEVICE) for name in used}
+
+    def grads(fn, inputs):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        outputs = dict(zip(shapes, fn(*inputs)))
+        sum((outputs[name].double() * g).sum() for name, g in upstream.items()).backward()
+        return [t.grad for t in inputs]
+
+    want = grads(naive_lstm, [t.double() for t in inputs])
+    for name, a, b in zip(NAMES, grads(fused_lstm, inputs), want):
+        assert_rel_close(a, b, TOLERANCE[torch.float32], f"grad {name}")
+
+
+class RecordOps(TorchDispatchMode):
+    """What a simulated CUDA graph sees: every dispatched op, with its arguments and (a copy of) its outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        clone = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t
+        self.calls.append((func, args, kwargs or {}, tree_map(clone, out)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernel_is_dispatched_as_ops_that_replay_bit_for_bit(dtype):
+    # A raw Triton launch would be invisible here, and a graph replaying the record would skip it.
+    inputs = [t.to(dtype).requires_grad_() for t in lstm_inputs(3, 4, 8, 16)]
+    with RecordOps() as record:
+        out, h_n, _ = fused_lstm(*inputs)  # cN unused: its gradient reaches the backward op as None
+        (out.float().sum() + h_n.float().square().sum()).backward()
+    ours = [call for call in record.calls if call[0].namespace == "fastlm"]
+    assert [str(func) for func, *_ in ours] == ["fastlm.lstm_forward.default", "fastlm.lstm_backward.default"]
+    assert ours[1][1][2] is None, "the unused cN's gradient"
+    with torch.no_grad():
+        for func, args, kwargs, recorded in ours:
+            for i, (again, then) in enumerate(zip(func(*args, **kwargs), recorded)):
+                assert torch.equal(again, then), f"{func} output {i} differs on replay"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_passes_on_both_ops(dtype):
+    B, T, E, H = 2, 2, 4, 16
+    x, h0, c0, *weights = [t.to(dtype) for t in lstm_inputs(B, T, E, H)]
+    inputs = [x, h0, c0.float(), *weights]  # c0 may come in fp32 whatever the dtype: d_c0 comes back in fp32
+    saved = lstm_forward(*inputs)
+    upstream = [torch.randn_like(saved[0]), torch.randn_like(h0), torch.randn_like(inputs[2])]  # d_cn: fp32
+    checks = [
+        (torch.ops.fastlm.lstm_forward.default, [t.clone().requires_grad_() for t in inputs]),  # with autograd
+        (torch.ops.fastlm.lstm_backward.default, [*upstream, *inputs[:5], *saved]),
+        (torch.ops.fastlm.lstm_backward.default, [None, upstream[1], None, *inputs[:5], *saved]),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), f"{op}: {result}"
+
+
+@pytest.mark.parametrize("c0_fp32", [False, True], ids=["c0-as-x", "c0-fp32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_tensors_get_the_real_outputs_shapes_dtypes_and_strides(dtype, c0_fp32):
+    x, h0, c0, *weights = [t.to(dtype) for t in lstm_inputs(3, 4, 8, 16)]
+    inputs = [x, h0, c0.float() if c0_fp32 else c0, *weights]
+    saved = lstm_forward(*inputs)
+    upstream = [torch.randn_like(saved[0]), torch.randn_like(h0), torch.randn_like(inputs[2])]
+    real_forward = torch.ops.fastlm.lstm_forward(*inputs)
+    real_backward = lstm_backward(*upstream, *inputs[:5], *saved)
+    with FakeTensorMode() as mode:
+        fake = lambda ts: [mode.from_tensor(t) for t in ts]
+        fake_forward = torch.ops.fastlm.lstm_forward(*fake(inputs))
+        fake_public = fused_lstm(*fake(inputs))
+        fake_backward = torch.ops.fastlm.lstm_backward(*fake(upstream), *fake(inputs[:5]), *fake(saved))
+    for name, a, b in [*zip(("out", "hN", "cN", "c", "act"), fake_forward, real_forward),
+                       *zip(("fused_lstm out", "hN", "cN"), fake_public, real_forward),
+                       *zip(("d_x", "d_h0", "d_c0", "d_weight_ih", "d_weight_hh", "d_bias"), fake_backward,
+                            real_backward)]:
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), name
+    assert real_forward[2].dtype == torch.float32 and real_backward[2].dtype == inputs[2].dtype
+
+
+def test_torch_compile_traces_the_ops_and_matches_eager():
+    inputs = lstm_inputs(2, 3, 4, 16)
+    upstream = [torch.randn(shape, device=DEVICE) for shape in ((2, 3, 16), (2, 16), (2, 16))]
+
+    def outputs_and_grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outputs = fn(*leaves)
+        sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
+        return [*outputs, *(t.grad for t in leaves)]
+
+    compiled = torch.compile(fused_lstm, backend="aot_eager", fullgraph=True)
+    for name, a, b in zip(("out", "hN", "cN", *NAMES), outputs_and_grads(compiled), outputs_and_grads(fused_lstm)):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(
