@@ -1,8 +1,13 @@
-"""Shared by the benchmarks: machine facts, a results collector, and the summary table at the end.
+"""Shared by the benchmarks: the GPU path, machine facts, a results collector, and the summary table.
 
 Each benchmark calls `record(group, provider, benchmark, **extra)` after timing; when the session
 ends, every group is printed with its ratio to the group's baseline provider (measured in the same
-run) and saved as JSON under benchmarks/results/.
+run) and saved as JSON under benchmarks/results/ (or the folder named by BENCHMARK_RESULTS).
+
+The GPU path is the rows and shapes meant for a GPU: CUDA graphs, the fused kernel, cuDNN. It runs on
+a CUDA device with compiled kernels, or rehearsed on the CPU (`benchmarks/gpu_check.sh --rehearse`,
+which sets FASTLM_SIMULATE_CUDA_GRAPHS=1 and TRITON_INTERPRET=1) at tiny shapes: a GPU is lent
+rarely and for minutes, so every line it will run has run here first. Rehearsal timings mean nothing.
 """
 from __future__ import annotations
 
@@ -16,8 +21,23 @@ from pathlib import Path
 import pytest
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from fastlm.graphs import graph_api
+from fastlm.kernels.fused_lstm import interpreting
+
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
 _rows: list[dict] = []
+
+CUDA = torch.cuda.is_available() and not interpreting()  # an interpreted kernel on a GPU would time Python
+REHEARSAL = not CUDA and graph_api(torch.device("cpu")) is not None
+GPU_PATH = CUDA or REHEARSAL
+DEVICE = "cuda" if CUDA else "cpu"
+PATH_NAME = "cuda" if CUDA else "rehearsal" if REHEARSAL else "cpu"  # names the results file
+
+
+def synchronize(device: str = DEVICE) -> None:
+    """Wait for the device's queued work, so that a timing includes it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def cpu_model() -> str:
@@ -32,7 +52,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    info = {"host": platform.node(), "cpu": cpu_model(),
+    info = {"path": PATH_NAME, "host": platform.node(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
     try:
@@ -62,12 +82,10 @@ def matmul_rate(device: str = "cpu", n: int = 2048) -> float:
     """GFLOP/s of one large fp32 matmul into a preallocated output (allocating it would add page
     faults on the CPU): the machine's arithmetic rate at this moment."""
     a, b, out = _matmul_operands(device, n)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     torch.mm(a, b, out=out)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     rate = 2 * n**3 / (time.perf_counter() - start) / 1e9
     _rates_seen.setdefault(device, []).append(rate)
     return rate
@@ -112,9 +130,8 @@ def pytest_terminal_summary(terminalreporter):
     write("Summary (ratio = baseline median / provider median, measured side by side in this run)")
     for line in lines:
         write(line)
-    RESULTS.mkdir(exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"{device}-{stamp}.json"
+    out = RESULTS / f"{PATH_NAME}-{stamp}.json"
     out.write_text(json.dumps({"machine": machine(), "time": stamp, "results": _rows}, indent=1) + "\n")
     write(f"saved {out}")

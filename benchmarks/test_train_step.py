@@ -22,6 +22,11 @@ Providers, in the order they run (the order matters on the CPU, see `allocator` 
 All run on the same real PTB windows (random tokens if PTB is absent), state carried across steps.
 Each row records `allocator`: whether freed memory was being retained when it was measured.
 
+The CUDA rows run wherever the GPU path does (benchmarks/conftest.py): rehearsed on the CPU, at a
+tiny width and 4-token windows, with simulated graphs, the kernel interpreted and torch's CPU LSTM
+where cuDNN's would be (`cudnn` says which); the plain loop keeps classic.py's widths there (only
+its windows are short), and no row's time means anything.
+
 This machine's speed drifts (a shared VM: the same step varies by 20% from one minute to the next),
 so besides each provider's own median, every fastlm row times one plain-loop step before each of its
 rounds: `speedup_vs_plain_alongside` compares medians taken in the same minute. On the CPU that
@@ -35,6 +40,7 @@ of those rates, the machine's speed in the same minutes.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import subprocess
@@ -45,17 +51,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.classic import CFG, VOCAB, classic_step, load_windows
-from benchmarks.conftest import matmul_gflops, matmul_rate
+from benchmarks import classic
+from benchmarks.classic import VOCAB, classic_step, load_windows
+from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, REHEARSAL, matmul_gflops, matmul_rate, synchronize
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.config import TrainConfig, TrainingError, check_cpu_can_multiply, cpu_multiplies_bf16
-from fastlm.graphs import CudaGraphs, GraphedStep
+from fastlm.graphs import GraphedStep, graph_api
 from fastlm.model import RNNLM
 from fastlm.optimizer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GROUP = "train-step B20 T30 E128 H1024 V10k"
+# The batch stays the default's: the plain loop's carried state has that many rows.
+CFG = dataclasses.replace(classic.CFG, embed_size=16, hidden_size=32, seq_len=4) if REHEARSAL else classic.CFG
+GROUP = f"train-step B{CFG.batch_size} T{CFG.seq_len} E{CFG.embed_size} H{CFG.hidden_size} V{VOCAB // 1000}k"
+ROUNDS, WARMUP = (100, 2) if CUDA else (3, 1) if REHEARSAL else (15, 2)
 
 
 def step_flops(cfg: TrainConfig = CFG, vocab: int = VOCAB) -> float:
@@ -72,7 +81,8 @@ def allocator() -> str:
 
 @pytest.fixture(scope="module")
 def windows():
-    return load_windows(DEVICE)
+    batches, source = load_windows(DEVICE)
+    return [(x[:, :CFG.seq_len], y[:, :CFG.seq_len]) for x, y in batches], source  # a rehearsal's are shorter
 
 
 class PlainElsewhere:
@@ -97,9 +107,10 @@ class PlainElsewhere:
 
 @pytest.fixture(scope="module")
 def plain_elsewhere():
-    """On the CPU, the plain loop as it comes, stepped between fastlm's rounds; None on CUDA, where
-    the in-process plain loop is already as it comes (the malloc setting is about CPU memory)."""
-    if DEVICE != "cpu":
+    """On the CPU, the plain loop as it comes, stepped between fastlm's rounds; None on the GPU path:
+    on CUDA the in-process plain loop is already as it comes (the malloc setting is about CPU memory),
+    and a rehearsal has nothing to learn from the full-size loop's time."""
+    if GPU_PATH:
         yield None
         return
     worker = PlainElsewhere()
@@ -112,7 +123,6 @@ def _run(benchmark, step, alongside=None, elsewhere: PlainElsewhere | None = Non
     round, so that ratios hold while the machine's speed drifts: with `alongside` (the plain loop's
     step in this process) one plain step and the machine's matmul rate at that moment; with
     `elsewhere`, also one step of the plain loop in its own process, allocator as it comes."""
-    rounds, warmup = (15 if DEVICE == "cpu" else 100), 2
     plain_s, rates, elsewhere_s = [], [], []
 
     def setup():
@@ -124,15 +134,15 @@ def _run(benchmark, step, alongside=None, elsewhere: PlainElsewhere | None = Non
             plain_s.append(time.perf_counter() - start)
             rates.append(matmul_rate(DEVICE))
 
-    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     median = benchmark.stats.stats.median
     fields = {"tokens_per_s": CFG.batch_size * CFG.seq_len / median}
     if alongside is not None:
-        plain = statistics.median(plain_s[warmup:])
+        plain = statistics.median(plain_s[WARMUP:])
         fields.update(plain_alongside_s=plain, speedup_vs_plain_alongside=plain / median,
-                      matmul_gflops_alongside=statistics.median(rates[warmup:]))
+                      matmul_gflops_alongside=statistics.median(rates[WARMUP:]))
     if elsewhere is not None:
-        plain = statistics.median(elsewhere_s[warmup:])
+        plain = statistics.median(elsewhere_s[WARMUP:])
         fields.update(plain_as_it_comes_alongside_s=plain, speedup_vs_plain_as_it_comes_alongside=plain / median)
     return fields
 
@@ -166,7 +176,7 @@ def test_plain_loop(benchmark, record, windows):
 
 @pytest.mark.benchmark(group="train-step")
 def test_plain_loop_retained_memory(benchmark, record, windows):
-    if DEVICE != "cpu":
+    if GPU_PATH:
         pytest.skip("the allocator setting is about CPU tensors")
     retain_freed_memory()
     fields = _run(benchmark, _plain_loop(windows))
@@ -181,13 +191,12 @@ def _fastlm_step(windows, amp_dtype, capture: bool, backend: str = "torch"):
     model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend=backend).to(DEVICE)
     optimizer = make_optimizer(model, CFG.lr, capturable=capture)
     stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype,
-                          graphs=CudaGraphs() if capture else None)
+                          graphs=graph_api(torch.device(DEVICE)) if capture else None)
     data = itertools.cycle(batches)
 
     def step():
         stepper.step(*next(data))
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
 
     return step
 
@@ -201,12 +210,12 @@ def test_fastlm_fp32(benchmark, record, windows, plain_step, plain_elsewhere):
 
 @pytest.mark.benchmark(group="train-step")
 def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
-    if DEVICE == "cpu":
+    if not GPU_PATH:  # a rehearsal's tiny step is quick in bf16 on any CPU
         try:
             check_cpu_can_multiply(torch.bfloat16)
         except TrainingError as err:
             pytest.skip(str(err))
-    capture = DEVICE == "cuda"
+    capture = GPU_PATH
     backend = "triton" if capture else "torch"  # what --backend auto picks for this run
     fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture, backend), plain_step, plain_elsewhere)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
@@ -220,11 +229,11 @@ def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
 def test_fastlm_bf16_cudnn(benchmark, record, windows, plain_step, plain_elsewhere, graphed):
     # The bf16 step with cuDNN's LSTM, graphed and eager: against fastlm-graphs-bf16 the graphed row
     # isolates the fused kernel's gain, and the eager row the graph's, at one precision.
-    if DEVICE != "cuda":
+    if not GPU_PATH:
         pytest.skip("cuDNN rows are for a GPU (on the CPU fastlm-bf16 is the eager bf16 row)")
     fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, graphed, "torch"), plain_step, plain_elsewhere)
     record(GROUP, f"fastlm-{'graphs' if graphed else 'eager'}-bf16-cudnn", benchmark, data=windows[1],
-           allocator=allocator(), backend="torch", **fields)
+           allocator=allocator(), backend="torch", cudnn=CUDA, **fields)
 
 
 def _matmuls(dtype: torch.dtype):
@@ -248,8 +257,7 @@ def _matmuls(dtype: torch.dtype):
         torch.mm(dgs.t(), hs, out=dw_hh)
         torch.mm(dgs, w_ih, out=dx)
         torch.mm(dgs.t(), x, out=dw_ih)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
 
     return run
 
