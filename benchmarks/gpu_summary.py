@@ -106,12 +106,18 @@ def _epoch_ends(records: list[dict]) -> list[dict]:
 def _benchmark_rows(outdir: Path) -> list[dict]:
     rows = []
     for path in sorted(outdir.glob("cuda-*.json")) + sorted(outdir.glob("rehearsal-*.json")):
-        rows += json.loads(path.read_text())["results"]
+        try:
+            rows += json.loads(path.read_text())["results"]
+        except (json.JSONDecodeError, KeyError):  # cut while writing: its rows count as missing
+            pass
     return rows
 
 
 def _sweep_check(outdir: Path) -> tuple[bool, str]:
-    rows = json.loads(_read(outdir / "tune_step.json") or '{"rows": []}')["rows"]
+    try:
+        rows = json.loads(_read(outdir / "tune_step.json") or '{"rows": []}')["rows"]
+    except (json.JSONDecodeError, KeyError):
+        return False, "the sweep report (tune_step.json) is unreadable: cut while writing?"
     if not rows:
         return False, "no sweep report (tune_step.json)"
     rules = {r["key"]: r for r in rows if r["rule"]}

@@ -107,18 +107,28 @@ _HOST_TRANSFERS = {
     torch.Tensor.tolist: "reads a tensor's value on the host (.tolist())",
     torch.Tensor.numpy: "reads a tensor's value on the host (.numpy())",
     torch.Tensor.cpu: "copies a tensor to the host (.cpu())",
+    torch.Tensor.__array__: "reads a tensor's value on the host (numpy.asarray)",
     torch.tensor: "copies Python data to the device (torch.tensor)",
     torch.as_tensor: "copies Python data to the device (torch.as_tensor)",
+    torch.asarray: "copies Python data to the device (torch.asarray)",
+    torch.Tensor.new_tensor: "copies Python data to the device (Tensor.new_tensor)",
 }
+_FROM_PYTHON_DATA = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 _BOOLEAN_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default,
                      torch.ops.aten.index_put.default, torch.ops.aten._index_put_impl_.default}
 
 
 class _NoHostTransfers(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_TRANSFERS:
+        if func in _HOST_TRANSFERS and not _a_cpu_scalar(func, args, kwargs or {}):
             _refuse(_HOST_TRANSFERS[func])
         return func(*args, **(kwargs or {}))
+
+
+def _a_cpu_scalar(func, args, kwargs) -> bool:
+    """`torch.tensor(2.0)`: a CPU scalar, which a CUDA op reads as a value at capture, no copy."""
+    data = args[1] if func is torch.Tensor.new_tensor else args[0] if args else kwargs.get("data")
+    return func in _FROM_PYTHON_DATA and isinstance(data, (bool, int, float)) and "device" not in kwargs
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -139,11 +149,15 @@ class _Op:
     kwargs: dict
     out: object
     grad_enabled: bool
+    layouts: list  # (size, stride, offset) of each output tensor as made, before any in-place view op
 
     @property
     def is_view(self) -> bool:
-        """Views need no replay: the recorded view object already aliases memory that replay refills."""
+        """Views need no replay: the recorded view object already aliases memory that replay refills.
+        In-place views (`unsqueeze_`, `t_`) change only a tensor's metadata, once, as a kernel-less capture."""
         schema = self.func._schema
+        if torch.Tag.inplace_view in self.func.tags:
+            return True
         return bool(schema.returns) and all(r.alias_info is not None for r in schema.returns) and not any(
             a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
@@ -157,13 +171,15 @@ class _Op:
             result, out = (result,), (self.out,)
         else:
             out = self.out
+        layouts = iter(self.layouts)
         for spec, new, recorded in zip(returns, result, out):
             if spec.alias_info is not None:  # in place, or out=: already written where capture wrote
                 continue
             new_leaves, recorded_leaves = tree_leaves(new), tree_leaves(recorded)
             for a, b in zip(recorded_leaves, new_leaves, strict=True):
-                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
-                    a.copy_(b)  # the graph's pool: capture's allocation, reused on every replay
+                layout = next(layouts) if isinstance(a, torch.Tensor) else None
+                if isinstance(b, torch.Tensor) and layout is not None and tuple(b.shape) == layout[0]:
+                    a.as_strided(*layout).copy_(b)  # the graph's pool: capture's allocation, reused on every replay
                 elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
                     raise RuntimeError(f"simulated CUDA graph: {self.func} gave another output on replay than at "
                                        "capture; a real graph replays fixed shapes")
@@ -199,11 +215,13 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self.inside_op = False
-        for spec, returned in zip(func._schema.returns, out if len(func._schema.returns) > 1 else (out,)):
-            if spec.alias_info is None:  # new memory, unless an op returns its input's storage unannounced
-                self.pool.update((_storage(t), t) for t in _tensors(returned) if _storage(t) not in self.outside)
+        returns = func._schema.returns
+        fresh = [t for spec, returned in zip(returns, out if len(returns) > 1 else (out,))
+                 if spec.alias_info is None for t in _tensors(returned)]
+        # new memory, unless an op returns its input's storage unannounced
+        self.pool.update((_storage(t), t) for t in fresh if _storage(t) not in self.outside)
         self.ops.append(_Op(func, tree_map(lambda x: x, args), tree_map(lambda x: x, kwargs), out,
-                            torch.is_grad_enabled()))
+                            torch.is_grad_enabled(), [(tuple(t.shape), t.stride(), t.storage_offset()) for t in fresh]))
         return out
 
     def _save_what_it_writes(self, func, args, kwargs) -> None:

@@ -257,3 +257,12 @@ def test_a_rehearsal_is_held_to_its_eager_fp32_reference_run(tmp_path):
     assert failed(out) == {}
     _write(out / "run-reference" / "metrics.jsonl", json.dumps({"split": "valid", "epoch": 1, "ppl": 11.0}) + "\n")
     assert list(failed(out)) == ["epoch-1 validation perplexity within 5%"]
+
+
+def test_a_results_file_cut_while_writing_fails_its_check_without_crashing(tmp_path):
+    (tmp_path / "tune.status").write_text("0\n")
+    (tmp_path / "tune_step.json").write_text('{"rows": [')
+    (tmp_path / "cuda-20261206.json").write_text('{"results": [')
+    found = failed(tmp_path)
+    assert "unreadable" in found["tuning: the sweep timed the rule's configuration for every kernel and shape"]
+    assert gpu_summary.summarize(tmp_path)["benchmarks"] == []

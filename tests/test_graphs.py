@@ -410,6 +410,9 @@ REFUSED_IN_CAPTURE = {  # what each captured function does → what the refusal 
     "cpu": (lambda t: t.cpu(), r"copies a tensor to the host"),
     "torch.tensor": (lambda t: t.add_(torch.tensor([1.0, 2.0, 3.0])), r"copies Python data to the device"),
     "as_tensor": (lambda t: t.add_(torch.as_tensor([1.0, 2.0, 3.0])), r"copies Python data to the device"),
+    "asarray": (lambda t: t.add_(torch.asarray([1.0, 2.0, 3.0])), r"copies Python data to the device"),
+    "new_tensor": (lambda t: t.add_(t.new_tensor([1.0, 2.0, 3.0])), r"copies Python data to the device"),
+    "numpy.asarray": (lambda t: __import__("numpy").asarray(t), r"\(numpy.asarray\)"),
     "nonzero": (lambda t: torch.nonzero(t), r"shape depends on values \(aten.nonzero"),
     "masked-select": (lambda t: t[t > 0], r"shape depends on values \(aten.index.Tensor"),
     "masked-assign": (lambda t: t.__setitem__(t > 0, 0.0), r"shape depends on values \(aten.index_put_"),
@@ -436,6 +439,22 @@ def test_a_simulated_capture_records_the_fused_kernel_as_ops_and_refuses_a_bare_
     graph = SimulatedGraphs().capture(lambda: out.copy_(lstm_forward_op(*inputs)[0]), lambda: {"out": out})
     graph.replay()
     assert torch.equal(out, lstm_forward_op(*inputs)[0]), "the replayed record ran the kernel"
+
+
+def test_a_simulated_capture_takes_what_a_cuda_graph_capture_takes():
+    # A CPU scalar is read as a value at capture (no copy); an in-place view changes metadata once.
+    t, out = torch.ones(3), torch.zeros(1, 3)
+
+    def step():
+        y = t * torch.tensor(2.0)
+        y.unsqueeze_(0)
+        out.copy_(y + 1.0)
+
+    graph = SimulatedGraphs().capture(step, lambda: {"t": t, "out": out})
+    for want in (3.0, 5.0):
+        graph.replay()
+        assert out.tolist() == [[want] * 3]
+        t.mul_(2.0)
 
 
 def test_a_simulated_replay_repeats_the_recorded_ops_not_the_python():
