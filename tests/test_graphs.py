@@ -519,7 +519,7 @@ def test_onednn_lstm_backward_survives_record_and_replay():
     # gave LSTM gradients up to 40% off. Each op is replayed in the grad mode it was recorded in.
     torch.manual_seed(0)
     model = RNNLM(14, 8, 16, backend="torch")
-    tokens, grads = torch.randint(0, 14, (3, 4)), {}
+    tokens = torch.randint(0, 14, (3, 4))
 
     def backward():
         model.zero_grad(set_to_none=False)
