@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.graphs import graph_api
+from fastlm.training.graphs import graph_api
 from fastlm.kernels.fused_lstm import interpreting
 
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")

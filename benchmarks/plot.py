@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastlm.plots import _pyplot
+from fastlm.figures import _pyplot
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -56,9 +56,9 @@ from benchmarks.classic import VOCAB, classic_step, load_windows
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, REHEARSAL, matmul_gflops, matmul_rate, synchronize
 from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
 from fastlm.config import TrainConfig, TrainingError, check_cpu_can_multiply, cpu_multiplies_bf16
-from fastlm.graphs import GraphedStep, graph_api
-from fastlm.model import RNNLM
-from fastlm.optimizer import make_optimizer
+from fastlm.training.graphs import GraphedStep, graph_api
+from fastlm.models.lm import RNNLM
+from fastlm.training.optimizer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 # The batch stays the default's: the plain loop's carried state has that many rows.

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, synchronize
-from fastlm.graphs import GraphAPI, graph_api
+from fastlm.training.graphs import GraphAPI, graph_api
 from fastlm.kernels.fused_lstm import (TUNED_CONFIGS, StepConfig, device_name, lstm_backward_op,
                                        lstm_forward, lstm_forward_op, rule_step_config, tuned_key)
 

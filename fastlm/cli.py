@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from fastlm.errors import UsageError
-from fastlm.trainer import DivergedError
+from fastlm.training.trainer import DivergedError
 
 
 class ArgumentParser(argparse.ArgumentParser):

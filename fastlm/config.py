@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from fastlm.errors import UsageError
-from fastlm.lstm import BACKENDS, resolve_backend
-from fastlm.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
+from fastlm.models.lstm import BACKENDS, resolve_backend
+from fastlm.training.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
 
 DEFAULT_DATA = "data/ptb"
 

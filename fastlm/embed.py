@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from fastlm.cli import ArgumentParser, run_main
-from fastlm.embedding import MATRICES, analogy, cosine_distance, neighbors, word_id, word_vectors
-from fastlm.model import load_model
+from fastlm.generation.embedding import MATRICES, analogy, cosine_distance, neighbors, word_id, word_vectors
+from fastlm.models.lm import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

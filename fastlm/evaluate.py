@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import pick_device
 from fastlm.data import Corpus, batchify_for_eval
-from fastlm.lstm import BACKENDS
-from fastlm.model import load_model
-from fastlm.trainer import evaluate, perplexity
+from fastlm.models.lstm import BACKENDS
+from fastlm.models.lm import load_model
+from fastlm.training.trainer import evaluate, perplexity
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.errors import UsageError
-from fastlm.plots import curves
-from fastlm.run import METRICS
+from fastlm.figures import curves
+from fastlm.training.rundir import METRICS
 
 
 def run_curves(run: Path) -> tuple[tuple[list, list], tuple[list, list]]:

@@ -12,8 +12,8 @@ from fastlm.config import available_bytes, pick_device
 from fastlm.checkpoint import checkpoint_path
 from fastlm.data import EOS, UNK
 from fastlm.errors import UsageError
-from fastlm.model import load_model
-from fastlm.sampling import STRATEGIES, encode_prompt, generate, to_text
+from fastlm.models.lm import load_model
+from fastlm.generation.sampling import STRATEGIES, encode_prompt, generate, to_text
 
 
 def check_output_file(path: Path) -> None:

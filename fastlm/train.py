@@ -7,7 +7,7 @@ from dataclasses import fields
 from fastlm.cli import ArgumentParser, EXIT_INTERRUPTED, run_main
 from fastlm.config import (RESUMABLE_OVERRIDES, TrainConfig, TrainingError, add_flag, describe_recipes,
                            recipe_config)
-from fastlm.trainer import train
+from fastlm.training.trainer import train
 
 
 def parser() -> argparse.ArgumentParser:

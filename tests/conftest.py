@@ -85,7 +85,7 @@ def nan_empty(monkeypatch):
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder with a small model trained for two epochs on the counting corpus."""
     from fastlm.config import TrainConfig
-    from fastlm.trainer import train
+    from fastlm.training.trainer import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     corpus = write_corpus(root / "corpus")

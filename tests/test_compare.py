@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
-from fastlm.model import load_model
+from fastlm.models.lm import load_model
 from fastlm.data import Corpus, batchify
-from fastlm.trainer import evaluate, perplexity
+from fastlm.training.trainer import evaluate, perplexity
 
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
         "--eval-batch-size", "3", "--device", "cpu"]
@@ -23,17 +23,17 @@ def _run(argv, capsys):
 
 
 def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
-    import fastlm.comparison
+    import fastlm.experiments.teacher_forcing
 
-    configs, real_train = [], fastlm.comparison.train
-    monkeypatch.setattr(fastlm.comparison, "train", lambda cfg: (configs.append(cfg), real_train(cfg))[1])
-    drawn, real_curves = [], fastlm.comparison.plots.curves
+    configs, real_train = [], fastlm.experiments.teacher_forcing.train
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train", lambda cfg: (configs.append(cfg), real_train(cfg))[1])
+    drawn, real_curves = [], fastlm.experiments.teacher_forcing.plots.curves
 
     def curves(path, panels, title):
         drawn.append(panels)
         return real_curves(path, panels, title)
 
-    monkeypatch.setattr(fastlm.comparison.plots, "curves", curves)
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing.plots, "curves", curves)
     out = tmp_path / "tf"
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "40",
                           "--seeds", "2", "--eval-interval", "4", "--pair", "w1/w2", "--eval-tokens", "60", *TINY],
@@ -81,12 +81,12 @@ def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_an_interrupted_arm_stops_the_comparison_without_a_report(corpus_dir, tmp_path, capsys, monkeypatch):
-    import fastlm.comparison
-    from fastlm.trainer import TrainResult
+    import fastlm.experiments.teacher_forcing
+    from fastlm.training.trainer import TrainResult
 
     # A Ctrl-C inside train() ends that run early and returns normally: it must not be compared as a
     # run of the full budget.
-    monkeypatch.setattr(fastlm.comparison, "train",
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
                         lambda cfg: TrainResult(cfg.out, 3, [], None, None, None, interrupted=True))
     out = tmp_path / "tf"
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
@@ -96,7 +96,7 @@ def test_an_interrupted_arm_stops_the_comparison_without_a_report(corpus_dir, tm
 
 
 def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
-    from fastlm.model import RNNLM
+    from fastlm.models.lm import RNNLM
 
     # 'zebra' ends train.txt: in the last columns of the last row, never inside the 20 windows trained.
     with open(corpus_dir / "train.txt", "a") as text:
@@ -138,9 +138,9 @@ def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
         "eval-interval-beyond-steps"])
 def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
                                                                 message):
-    import fastlm.comparison
+    import fastlm.experiments.teacher_forcing
 
-    monkeypatch.setattr(fastlm.comparison, "train", lambda cfg: pytest.fail("trained before checking the flags"))
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train", lambda cfg: pytest.fail("trained before checking the flags"))
     with pytest.raises(SystemExit) as exit_info:
         run_main(compare_main, ["teacher-forcing", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
                                 "--device", "cpu", *extra])
@@ -165,7 +165,7 @@ def test_log_scale_axes_label_several_ticks_over_a_narrow_range(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastlm.plots import log_axis
+    from fastlm.figures import log_axis
 
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3], [160, 240, 390])
@@ -184,7 +184,7 @@ def test_log_scale_axes_over_many_decades_label_the_powers_of_ten(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastlm.plots import log_axis
+    from fastlm.figures import log_axis
 
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3], [250, 3000, 6.6e9])  # a diverging run beside a healthy one
@@ -204,7 +204,7 @@ def _facts(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=
            names=None):
     """The facts `_facts` draws from per-seed numbers: validation perplexities, validation-sample curves
     (evaluated every 5 of 50 steps), and distances of one pair, army/taxpayer, with its start."""
-    from fastlm.comparison import _facts as facts
+    from fastlm.experiments.teacher_forcing import _facts as facts
 
     seeds = len(valid_tf)
     start = start or [0.6513] * seeds
@@ -221,7 +221,7 @@ def _facts(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=
 
 
 def test_the_t_tests_match_hand_computed_values():
-    from fastlm.comparison import _t_test
+    from fastlm.experiments.teacher_forcing import _t_test
 
     # Welch: means 2 and 5, variances 1: t = −3 / √(2/3), 4 degrees of freedom (critical 2.776).
     welch = _t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], paired=False)
@@ -262,7 +262,7 @@ def test_the_t_tests_match_hand_computed_values():
         "free-running-better"])
 def test_the_perplexity_conclusion_calls_a_difference_only_beyond_the_seeds_spread(valid_tf, valid_fr, says,
                                                                                     never_says):
-    from fastlm.comparison import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing import _perplexity_sentences
 
     text = _perplexity_sentences(_facts(valid_tf, valid_fr))
     assert says in text and never_says not in text, text
@@ -296,14 +296,14 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
       "worked towards"]),
 ], ids=["sooner", "not-separated", "not-every-seed", "a-worse-seed-never-improved"])
 def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
-    from fastlm.comparison import _target_sentences
+    from fastlm.experiments.teacher_forcing import _target_sentences
 
     text = _target_sentences(_facts([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
     assert all(part in text for part in says), text
 
 
 def test_one_seed_times_the_target_without_a_test():
-    from fastlm.comparison import _target_sentences
+    from fastlm.experiments.teacher_forcing import _target_sentences
 
     text = _target_sentences(_facts([90.0], [120.0], curves={TF: [FAST], FR: [SLOW]}))
     assert text == ("The free-running model had reached a validation-sample perplexity of 120.00 by its last "
@@ -313,7 +313,7 @@ def test_one_seed_times_the_target_without_a_test():
 
 
 def test_curves_evaluated_at_different_steps_are_refused():
-    from fastlm.comparison import TrainingError
+    from fastlm.experiments.teacher_forcing import TrainingError
 
     with pytest.raises(TrainingError, match="not evaluated at the same steps"):
         _facts([90.0, 91.0], [120.0, 121.0], curves={TF: [FAST, FAST[:-1]], FR: [SLOW, SLOW]})
@@ -326,7 +326,7 @@ def test_curves_evaluated_at_different_steps_are_refused():
     ([100.0, 100.0, 100.0], [100.0 + 1e-9, 100.0 + 1e-9, 100.0 + 1e-9], "equal to the precision printed"),
 ], ids=["one-diverged", "two-diverged", "apart-by-rounding"])
 def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_fr, says):
-    from fastlm.comparison import _conclusion
+    from fastlm.experiments.teacher_forcing import _conclusion
 
     text = _conclusion(_facts(valid_tf, valid_fr))
     assert says in text and "better" not in text and "sooner" not in text, text
@@ -358,7 +358,7 @@ def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_f
      ["Neither way of training moved this pair: there is nothing to compare"], "closer"),
 ], ids=["untouched-one-seed", "paired-changes", "untouched-against-moved", "within-the-spread-and-rare", "unmoved"])
 def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says, never_says):
-    from fastlm.comparison import _distance_sentences
+    from fastlm.experiments.teacher_forcing import _distance_sentences
 
     seeds = kwargs.pop("valid")
     text = _distance_sentences(_facts([100.0] * seeds, [101.0] * seeds, **kwargs), "army/taxpayer")
@@ -366,7 +366,7 @@ def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says
 
 
 def test_a_mixed_second_arm_is_named_by_its_probability():
-    from fastlm.comparison import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing import _perplexity_sentences
 
     names = {TF: TF, FR: "P=0.5 (linear)"}
     text = _perplexity_sentences(_facts([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))

@@ -6,8 +6,8 @@ import pytest
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
-from fastlm.detach_report import conclusions
-from fastlm.graph_memory import FASTLM_ARM, USER_LOOPS
+from fastlm.experiments.detach import conclusions
+from fastlm.experiments.autograd_memory import FASTLM_ARM, USER_LOOPS
 
 MiB = 2**20
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
@@ -84,7 +84,7 @@ def test_a_single_timing_is_called_a_timing():
 
 
 def test_the_picture_draws_the_mean_loss_the_initial_state_and_each_windows_weights(tmp_path):
-    from fastlm.plots import unrolled_graph
+    from fastlm.figures import unrolled_graph
 
     texts = unrolled_graph(tmp_path / "graph.png", seq_len=3, chunks=2, nodes_with_detach=30, nodes_without=57)
     assert (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
@@ -134,7 +134,7 @@ def test_counts_below_one_are_refused_in_one_line(corpus_dir, tmp_path, capsys, 
 
 
 def test_each_window_reports_the_median_of_its_timings():
-    from fastlm.detach_report import _summarise
+    from fastlm.experiments.detach import _summarise
 
     window = lambda k, seconds: {"chunk": k, "graph_bytes": 8, "step_s": seconds}
     runs = [[window(1, 0.30), window(2, 0.9)], [window(1, 0.10), window(2, 0.5)], [window(1, 0.20), window(2, 0.1)]]
@@ -156,7 +156,7 @@ def test_growth_below_a_hundredth_of_a_mib_is_given_in_bytes_and_shrinking_is_ca
 
 
 def test_the_table_shows_cuda_peaks_on_a_gpu():
-    from fastlm.detach_report import _table
+    from fastlm.experiments.detach import _table
 
     rows = _rows([40, 80], [0, 18], FLAT[:2])
     for k, row in enumerate(rows, 1):

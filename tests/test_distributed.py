@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from fastlm.checkpoint import load_checkpoint
 from fastlm.config import TrainConfig
-from fastlm.distributed import World, leave
-from fastlm.trainer import train
+from fastlm.training.distributed import World, leave
+from fastlm.training.trainer import train
 
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "8", "--seq-len", "5", "--lr", "0.01",
         "--log-interval", "1", "--eval-batch-size", "4", "--device", "cpu", "--epochs", "1"]

@@ -5,8 +5,8 @@ import torch
 
 from fastlm.cli import run_main
 from fastlm.embed import main as embed_main
-from fastlm.embedding import analogy, cosine_distance, neighbors, word_id, word_vectors
-from fastlm.model import load_model
+from fastlm.generation.embedding import analogy, cosine_distance, neighbors, word_id, word_vectors
+from fastlm.models.lm import load_model
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_a_broken_cuda_only_line_fails_the_benchmarks_step(tmp_path):
     line = "graphs=graph_api(torch.device(DEVICE)) if capture else None"
     assert line in bench.read_text()
     bench.write_text(bench.read_text().replace(line, "graphs=CudaGraphs() if capture else None")
-                     .replace("from fastlm.graphs import", "from fastlm.graphs import CudaGraphs,"))
+                     .replace("from fastlm.training.graphs import", "from fastlm.training.graphs import CudaGraphs,"))
     out = tmp_path / "out"
     proc = gpu_check("--rehearse", out, script=copy / "benchmarks" / "gpu_check.sh",
                      env={"GPU_CHECK_STEPS": "benchmarks"}, timeout=300)
@@ -128,7 +128,7 @@ def _write(path, text: str):
 
 def gpu_check_output(folder, epoch1_ppl: float = 140.0):
     """What a sound gpu_check.sh run on a GPU leaves in its OUTDIR, made up."""
-    from fastlm.model import RNNLM
+    from fastlm.models.lm import RNNLM
 
     _write(folder / ".gpu_check", "gpu\n")
     for step in STEPS:

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm import graphs, trainer
+from fastlm.training import graphs, trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig, use_device
 from fastlm.data import Corpus, batchify, tbptt_windows
-from fastlm.graphs import GraphedForward, GraphedStep, SimulatedGraphs
-from fastlm.lstm import recurrence_dtype
-from fastlm.model import RNNLM
+from fastlm.training.graphs import GraphedForward, GraphedStep, SimulatedGraphs
+from fastlm.models.lstm import recurrence_dtype
+from fastlm.models.lm import RNNLM
 from fastlm.train import main as train_main
-from fastlm.optimizer import make_optimizer
-from fastlm.trainer import evaluate, train
+from fastlm.training.optimizer import make_optimizer
+from fastlm.training.trainer import evaluate, train
 from helpers import TOLERANCE, assert_rel_close, train_step
 
 

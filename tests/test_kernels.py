@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from conftest import REPO
 from fastlm.kernels import fused_lstm, naive_lstm
 from fastlm.kernels.fused_lstm import interpreting, launch_device, lstm_backward, lstm_forward
-from fastlm.lstm import LSTM
+from fastlm.models.lstm import LSTM
 from helpers import TOLERANCE, assert_rel_close
 
 NAMES = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -1,4 +1,4 @@
-"""fastlm.lstm.LSTM against nn.LSTM with copied weights, in float64."""
+"""fastlm.models.lstm.LSTM against nn.LSTM with copied weights, in float64."""
 import subprocess
 import sys
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastlm import lstm as lstm_module
-from fastlm.lstm import LSTM, resolve_backend
+from fastlm.models import lstm as lstm_module
+from fastlm.models.lstm import LSTM, resolve_backend
 from helpers import assert_rel_close
 
 TOL = 1e-10
@@ -130,7 +130,7 @@ import sys
 sys.modules["triton"] = None  # as if not installed
 import torch
 from fastlm.kernels import fused_lstm
-from fastlm.lstm import LSTM, resolve_backend
+from fastlm.models.lstm import LSTM, resolve_backend
 LSTM(4, 8, backend="reference")(torch.randn(2, 3, 4))
 print("auto on a graphed bf16 GPU run:", resolve_backend("auto", "cuda", torch.bfloat16, True))
 try:

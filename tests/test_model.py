@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastlm.model import RNNLM
+from fastlm.models.lm import RNNLM
 from helpers import assert_rel_close
 
 KEYS = ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",

@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from fastlm import lstm as lstm_module
-from fastlm import trainer
+from fastlm.models import lstm as lstm_module
+from fastlm.training import trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import RECIPES, TrainConfig, recipe_config
 from fastlm.errors import UsageError
 from fastlm.kernels import naive_lstm
-from fastlm.lstm import LSTM, sequence_dropout
-from fastlm.model import RNNLM
+from fastlm.models.lstm import LSTM, sequence_dropout
+from fastlm.models.lm import RNNLM
 from fastlm.train import main as train_main
-from fastlm.trainer import train
+from fastlm.training.trainer import train
 from helpers import TOLERANCE, assert_rel_close
 
 BACKENDS = ["torch", "reference", "triton"]
@@ -163,8 +163,8 @@ def test_sgd_divides_the_rate_when_validation_does_not_improve(corpus_dir, tmp_p
 
 
 def test_a_captured_step_refuses_a_rate_changed_behind_its_back(corpus_dir):
-    from fastlm.graphs import GraphedStep, SimulatedGraphs
-    from fastlm.optimizer import make_optimizer
+    from fastlm.training.graphs import GraphedStep, SimulatedGraphs
+    from fastlm.training.optimizer import make_optimizer
 
     model = RNNLM(14, 8, 8)
     optimizer = make_optimizer(model, 1.0, capturable=True, kind="sgd")
@@ -214,7 +214,7 @@ def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir,
 
 
 def test_the_snapshot_of_a_cuda_step_covers_its_generator(monkeypatch):
-    from fastlm.graphs import rng_states, set_rng_states
+    from fastlm.training.graphs import rng_states, set_rng_states
 
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or "cuda-state")

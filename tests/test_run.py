@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from fastlm import checkpoint as checkpoint_module
-from fastlm import run as run_module
+from fastlm.training import rundir as run_module
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig, TrainingError
-from fastlm.run import RunFolder, RunFolderError
+from fastlm.training.rundir import RunFolder, RunFolderError
 from fastlm.train import main as train_main
-from fastlm.trainer import train
+from fastlm.training.trainer import train
 
 
 def tiny(corpus_dir, out, **changes) -> TrainConfig:
@@ -94,7 +94,7 @@ def test_a_folder_with_only_the_records_of_a_run_says_how_to_start_over(corpus_d
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(corpus_dir, tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastlm.run import RunFolder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastlm.training.rundir import RunFolder; "
                                f"folder = RunFolder({str(run)!r}); folder.open(fresh=True); print('locked', flush=True); "
                                "time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)

@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from fastlm import trainer
+from fastlm.training import trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify
 from fastlm.evaluate import main as evaluate_main
-from fastlm.graphs import GraphedForward
-from fastlm.model import RNNLM
+from fastlm.training.graphs import GraphedForward
+from fastlm.models.lm import RNNLM
 from fastlm.train import main as train_main
-from fastlm.trainer import DivergedError, evaluate, train
+from fastlm.training.trainer import DivergedError, evaluate, train
 
 
 def tiny(corpus_dir, out, **changes) -> TrainConfig:

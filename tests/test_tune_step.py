@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from benchmarks import tune_step
-from fastlm import graphs
-from fastlm.graphs import SimulatedGraphs
+from fastlm.training import graphs
+from fastlm.training.graphs import SimulatedGraphs
 from fastlm.kernels.fused_lstm import StepConfig, rule_step_config, step_config
 
 SHAPE = (3, 16)  # B, H

@@ -41,8 +41,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from fastlm.model import RNNLM
-from fastlm.optimizer import update
+from fastlm.models.lm import RNNLM
+from fastlm.training.optimizer import update
 
 WARMUP_STEPS = 3  # eager iterations on a side stream before capture, as torch.cuda.graphs documents
 SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated

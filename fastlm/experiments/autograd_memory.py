@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.checkpoint import first_line
-from fastlm.model import RNNLM
-from fastlm.optimizer import update
+from fastlm.models.lm import RNNLM
+from fastlm.training.optimizer import update
 
 
 class _Saved:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from fastlm.checkpoint import CheckpointError, check_finite_weights, first_line, load_checkpoint
 from fastlm.data import Dictionary
 from fastlm.errors import UsageError
-from fastlm.lstm import LSTM, sequence_dropout
+from fastlm.models.lstm import LSTM, sequence_dropout
 
 State = tuple[Tensor, Tensor]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastlm import plots
-from fastlm.comparison import MB, fresh_folder, load_corpus
+from fastlm import figures as plots
+from fastlm.experiments.teacher_forcing import MB, fresh_folder, load_corpus
 from fastlm.config import TrainConfig, TrainingError, pick_device
 from fastlm.data import batchify, tbptt_windows
-from fastlm.graph_memory import (FASTLM_ARM, TINY_SHAPE, count_graph_nodes, run_chunks,
+from fastlm.experiments.autograd_memory import (FASTLM_ARM, TINY_SHAPE, count_graph_nodes, run_chunks,
                                  user_loops_without_detach)
-from fastlm.lstm import resolve_backend
-from fastlm.model import RNNLM
+from fastlm.models.lstm import resolve_backend
+from fastlm.models.lm import RNNLM
 
 ARMS = (("detach", True), ("no-detach", False))
 BYTE_FIELDS = ("graph_bytes", "activation_bytes", "snapshot_bytes", "bytes_after_step")

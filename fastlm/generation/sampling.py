@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastlm.data import EOS, UNK, Dictionary
 from fastlm.errors import UsageError
-from fastlm.model import RNNLM
+from fastlm.models.lm import RNNLM
 
 STRATEGIES = ("multinomial", "greedy")
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastlm import distributed
+from fastlm.training import distributed
 from fastlm.checkpoint import BEST, CHECKPOINT, first_line
 from fastlm.config import TrainingError
 

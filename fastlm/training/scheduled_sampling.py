@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.errors import UsageError
-from fastlm.optimizer import update
+from fastlm.training.optimizer import update
 
 SCHEDULES = ("constant", "linear", "exponential", "inverse-sigmoid")
 FREE_RUNNING_TOKENS = ("argmax", "sample")

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from fastlm import plots
+from fastlm import figures as plots
 from fastlm.config import DEFAULT_DATA, TrainConfig, TrainingError, pick_device
 from fastlm.data import EOS, Corpus, batchify, ensure_ptb, num_windows
-from fastlm.embedding import cosine_distance, word_vectors
-from fastlm.lstm import resolve_backend
-from fastlm.model import RNNLM, load_model
-from fastlm.sampling import generate, to_text
-from fastlm.trainer import evaluate, perplexity, train
+from fastlm.generation.embedding import cosine_distance, word_vectors
+from fastlm.models.lstm import resolve_backend
+from fastlm.models.lm import RNNLM, load_model
+from fastlm.generation.sampling import generate, to_text
+from fastlm.training.trainer import evaluate, perplexity, train
 
 MB = 2**20
 TF, FR = ARMS = ("teacher-forced", "free-running")

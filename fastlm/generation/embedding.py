@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastlm.data import Dictionary
 from fastlm.errors import UsageError
-from fastlm.model import RNNLM
+from fastlm.models.lm import RNNLM
 
 MATRICES = ("input", "output")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastlm import distributed
+from fastlm.training import distributed
 from fastlm.allocator import retain_freed_memory
 from fastlm.checkpoint import (BEST, CHECKPOINT, FOR_RESUME, FORMAT, CheckpointError, check_finite_weights,
                                checkpoint_path, first_line, load_checkpoint, save_checkpoint)
@@ -25,12 +25,12 @@ from fastlm.config import (DEFAULT_DATA, TrainConfig, TrainingError, amp_dtype_f
                            scheduled_sampling, use_device)
 from fastlm.data import (PTB_URL, Corpus, Dictionary, batchify, batchify_for_eval, ensure_ptb, eval_windows,
                          num_windows, tbptt_windows)
-from fastlm.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
-from fastlm.lstm import resolve_backend
-from fastlm.model import RNNLM, load_weights
-from fastlm.optimizer import make_optimizer
-from fastlm.run import RunFolder, StopFlag, new_run_dir, rng_state, set_rng_state
-from fastlm.scheduled_sampling import free_running_step, teacher_forcing_probability
+from fastlm.training.graphs import GraphAPI, GraphedForward, GraphedStep, autocast, graph_api
+from fastlm.models.lstm import resolve_backend
+from fastlm.models.lm import RNNLM, load_weights
+from fastlm.training.optimizer import make_optimizer
+from fastlm.training.rundir import RunFolder, StopFlag, new_run_dir, rng_state, set_rng_state
+from fastlm.training.scheduled_sampling import free_running_step, teacher_forcing_probability
 
 
 class DivergedError(TrainingError):
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = 
           clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train (or resume) a run; returns what it measured. Raises TrainingError/DataError on bad input.
 
-    Under torchrun the ranks train one model together (see fastlm/distributed.py). `clock` times
+    Under torchrun the ranks train one model together (see fastlm/training/distributed.py). `clock` times
     training (tests pass a fake one).
     """
     ckpt, source = None, None

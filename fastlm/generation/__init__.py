@@ -1,0 +1,1 @@
+"""What a trained model gives back: sampled text and word embeddings."""

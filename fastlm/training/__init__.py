@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), the step it repeats (`step`) and what they stand on."""
