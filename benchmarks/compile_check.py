@@ -29,8 +29,15 @@ from triton.backends.compiler import GPUTarget
 
 # Named imports: `fastlm.kernels.fused_lstm` as an attribute is the function, not the module.
 from benchmarks import tune_step
-from fastlm.kernels.fused_lstm import (DTYPE_NAMES, StepConfig, _lstm_bwd_step, _lstm_fwd_step, interpreting,
-                                       rule_step_config, tuned_configs)
+from fastlm.kernels.fused_lstm import (
+    DTYPE_NAMES,
+    StepConfig,
+    _lstm_bwd_step,
+    _lstm_fwd_step,
+    interpreting,
+    rule_step_config,
+    tuned_configs,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.training.graphs import graph_api
 from fastlm.kernels.fused_lstm import interpreting
+from fastlm.training.graphs import graph_api
 
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
 _rows: list[dict] = []

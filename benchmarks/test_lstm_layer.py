@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, REHEARSAL, synchronize
-from fastlm.training.graphs import graph_api
 from fastlm.kernels import fused_lstm, naive_lstm
 from fastlm.models.lstm import LSTM
+from fastlm.training.graphs import graph_api
 
 # cuDNN's persistent RNN kernels keep W_hh on chip across steps; PyTorch asks for them only in fp16
 # with a batch that is a multiple of 8. So the baseline beside fastlm's B=20 bf16 is B=16 and B=24 in

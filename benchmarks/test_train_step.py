@@ -8,7 +8,7 @@ Providers, in the order they run (the order matters on the CPU, see `allocator` 
   `loss.item()` every step), with glibc's allocator as it comes. The baseline.
 - `plain+retained-memory` (CPU): the same loop after `retain_freed_memory()`, to show how much of
   fastlm's CPU gain is the allocator alone.
-- `fastlm-fp32`: the trainer's step (`GraphedStep`, eager: fused Adam, foreach clipping, no sync),
+- `fastlm-fp32`: the trainer's step (`TrainStep`, eager: fused Adam, foreach clipping, no sync),
   as `python -m fastlm.train` runs it by default on the CPU.
 - `fastlm-bf16`: the same under bf16 autocast (`--amp bf16`): on the CPU the output layer runs on
   AMX where it exists and the LSTM stays fp32; on CUDA the whole step is replayed as one CUDA
@@ -54,11 +54,13 @@ import torch
 from benchmarks import classic
 from benchmarks.classic import VOCAB, classic_step, load_windows
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, REHEARSAL, matmul_gflops, matmul_rate, synchronize
-from fastlm.allocator import is_retaining_freed_memory, retain_freed_memory
-from fastlm.config import TrainConfig, TrainingError, check_cpu_can_multiply, cpu_multiplies_bf16
-from fastlm.training.graphs import GraphedStep, graph_api
+from fastlm.config import TrainConfig
+from fastlm.device import check_cpu_can_multiply, cpu_multiplies_bf16, is_retaining_freed_memory, retain_freed_memory
+from fastlm.errors import TrainingError
 from fastlm.models.lm import RNNLM
+from fastlm.training.graphs import graph_api
 from fastlm.training.optimizer import make_optimizer
+from fastlm.training.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 # The batch stays the default's: the plain loop's carried state has that many rows.
@@ -190,12 +192,13 @@ def _fastlm_step(windows, amp_dtype, capture: bool, backend: str = "torch"):
     torch.manual_seed(0)
     model = RNNLM(VOCAB, CFG.embed_size, CFG.hidden_size, CFG.num_layers, backend=backend).to(DEVICE)
     optimizer = make_optimizer(model, CFG.lr, capturable=capture)
-    stepper = GraphedStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype,
+    stepper = TrainStep(model, optimizer, CFG.batch_size, CFG.seq_len, CFG.clip, amp_dtype,
                           graphs=graph_api(torch.device(DEVICE)) if capture else None)
     data = itertools.cycle(batches)
 
     def step():
         stepper.step(*next(data))
+        stepper.detach_state()
         synchronize()
 
     return step

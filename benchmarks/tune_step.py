@@ -31,9 +31,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, synchronize
+from fastlm.kernels.fused_lstm import (
+    TUNED_CONFIGS,
+    StepConfig,
+    device_name,
+    lstm_backward_op,
+    lstm_forward,
+    lstm_forward_op,
+    rule_step_config,
+    tuned_key,
+)
 from fastlm.training.graphs import GraphAPI, graph_api
-from fastlm.kernels.fused_lstm import (TUNED_CONFIGS, StepConfig, device_name, lstm_backward_op,
-                                       lstm_forward, lstm_forward_op, rule_step_config, tuned_key)
 
 SHAPES = ((20, 1024), (64, 1024))  # (B, H): the default run and a larger batch, at T = 30, E = 128
 SEQ_LEN, EMBED = 30, 128

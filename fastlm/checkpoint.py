@@ -11,20 +11,12 @@ from typing import Any
 
 import torch
 
-from fastlm.errors import UsageError
+from fastlm.device import rng_state
+from fastlm.errors import CheckpointError, first_line
+from fastlm.files import write_atomically
 
 CHECKPOINT = "checkpoint.pt"  # the last state of a run, to resume from
 BEST = "best.pt"  # the weights with the lowest validation loss so far
-
-
-class CheckpointError(UsageError):
-    """A checkpoint path that cannot be used; the message says why."""
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first line, or its type's name when its message is empty."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
@@ -32,18 +24,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     and a failed write (disk full) leaves the file that was there as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as either
-        tmp.unlink(missing_ok=True)
         kept = f"the {path.name} already there is intact" if path.exists() else "nothing was saved there"
         raise CheckpointError(f"cannot write {path} ({first_line(err)}): {kept}; free some space, "
                               "then --resume the run") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -56,9 +42,34 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
-FORMAT = 1  # the layout of the dict below; a newer fastlm that changes it bumps this
+FORMAT = 1  # the layout of `run_checkpoint`'s dict; a newer fastlm that changes it bumps this
 FOR_INFERENCE = ("model", "config", "vocab")
 FOR_RESUME = FOR_INFERENCE + ("optimizer", "epoch", "step", "global_step", "state", "rng", "best_valid_loss")
+
+
+def run_checkpoint(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, vocab: list[str],
+                   epoch: int, step: int, global_step: int, best_valid_loss: float,
+                   state: tuple[torch.Tensor, torch.Tensor] | None, fed_back: torch.Tensor | None,
+                   scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Everything a run needs to resume exactly where it is: weights, optimizer, config, vocabulary,
+    position (`step` windows into epoch `epoch`), the carried (h, c) of a mid-epoch position and
+    scheduled sampling's last prediction (all rows, on the CPU), the random generators, float16's
+    loss scale and the best validation loss so far."""
+    return {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": config,
+        "vocab": vocab,
+        "epoch": epoch,
+        "step": step,
+        "global_step": global_step,
+        "state": state,
+        "fed_back": fed_back,
+        "rng": rng_state(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "best_valid_loss": best_valid_loss,
+    }
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

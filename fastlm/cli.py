@@ -6,8 +6,7 @@ import signal
 import sys
 from typing import Callable
 
-from fastlm.errors import UsageError
-from fastlm.training.trainer import DivergedError
+from fastlm.errors import DivergedError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,7 +1,9 @@
-"""The training configuration: its fields and defaults, the checks on them, and device and dtype choice.
+"""The training configuration: each flag declared once (default, help, whether a resume may change
+it), the named recipes, resume merging, and `check_config`, every rule on the flags in one place.
 
 `TrainConfig` is what `python -m fastlm.train` fills from its flags and what a checkpoint stores, so
-a run can be resumed (and its shape-changing fields refused) from the checkpoint alone.
+a run can be resumed (and its shape-changing fields refused) from the checkpoint alone. The model,
+the LSTM and the trainer trust a config that passed `check_config`.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from fastlm.errors import UsageError
-from fastlm.models.lstm import BACKENDS, resolve_backend
+from fastlm.device import AMP_DTYPES
+from fastlm.errors import TrainingError
+from fastlm.models.lstm import BACKENDS, check_backend
+from fastlm.training.graphs import graph_api
 from fastlm.training.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
 
 DEFAULT_DATA = "data/ptb"
@@ -129,11 +133,6 @@ def describe_recipes() -> str:
 
 # What a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {f.name for f in fields(TrainConfig) if f.metadata["resumable"]}
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingError(UsageError):
-    """A training request that cannot be carried out; the message says what to change."""
 
 
 def resume_config(saved: dict, overrides: dict) -> TrainConfig:
@@ -148,96 +147,10 @@ def resume_config(saved: dict, overrides: dict) -> TrainConfig:
     return replace(cfg, **overrides)
 
 
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: `auto` is bf16 on a GPU that supports it, else off.
-
-    Off on every CPU, so a CPU run reproduces float32 math by default; on CPUs with AMX (see
-    `cpu_multiplies_bf16`) the trainer points at `--amp bf16`."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return AMP_DTYPES[amp]
-
-
-def _cpu_capabilities() -> dict:
-    return getattr(torch.cpu, "get_capabilities", lambda: {})()
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has AMX bfloat16 tiles, where oneDNN's bf16 matmuls run ~2x float32's rate."""
-    return bool(_cpu_capabilities().get("amx_bf16"))
-
-
-# The CPU instructions without which a 16-bit float matmul is emulated: on an AMD EPYC without
-# AVX512-BF16 the bf16 training step took 42x as long as fp32's (24 s against 0.57 s).
-CPU_UNITS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
-
-
-def check_cpu_can_multiply(amp_dtype: torch.dtype | None) -> None:
-    """Refuse --amp bf16/fp16 on a CPU that has no units for that dtype, before any work."""
-    units = CPU_UNITS.get(amp_dtype, ())
-    if units and not any(_cpu_capabilities().get(unit) for unit in units):
-        name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
-        raise TrainingError(f"this CPU has no {name} units ({' or '.join(u.upper() for u in units)}), so --amp {name} "
-                            "would run many times slower than fp32 here (42x measured on one such CPU): use --amp off")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise TrainingError(f"fastlm runs on cpu or cuda, not {device.type}: use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient and at most two optimizer moments (Adam's)
-
-
-def parameter_count(cfg: TrainConfig, vocab_size: int) -> int:
-    lstm = sum(4 * cfg.hidden_size * ((cfg.embed_size if layer == 0 else cfg.hidden_size) + cfg.hidden_size + 2)
-               for layer in range(cfg.num_layers))
-    output = vocab_size * (1 if cfg.tied else cfg.hidden_size + 1)  # tied: only its bias is its own
-    return vocab_size * cfg.embed_size + lstm + output
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for tensors on `device` now (None where it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields_ = dict(line.split(":", 1) for line in meminfo)
-        return int(fields_["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def check_fits(cfg: TrainConfig, vocab_size: int, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and Adam state alone exceed the free memory, before
-    allocating anything (else the allocation fails with a traceback, or swaps for minutes)."""
-    needed, free = parameter_count(cfg, vocab_size) * BYTES_PER_PARAMETER, available_bytes(device)
-    if free is not None and needed > free:
-        raise TrainingError(f"the model needs {needed / 2**30:.1f} GiB for its {parameter_count(cfg, vocab_size):,} "
-                            f"parameters with their gradients and optimizer state, and {device} has "
-                            f"{free / 2**30:.1f} GiB free: use a smaller --hidden-size, --embed-size or --num-layers")
-
-
-def use_device(device: torch.device) -> None:
-    """Make a CUDA device the current one: streams, graph captures and Triton launches all go to the
-    current device, whatever device the tensors are on."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig, world=None, device: torch.device | None = None) -> None:
+    """Every rule on the flags and their combinations, checked before any work: a TrainingError
+    naming the flag and the fix. Rules that depend on torchrun's `world` (a `distributed.World`) or
+    on the chosen `device` are checked when those are given (the trainer gives both)."""
     positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "log_interval", "eval_batch_size")
     for name in positive:
         value = getattr(cfg, name)
@@ -279,4 +192,15 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    resolve_backend(cfg.backend, "cpu")  # a UsageError naming the choices
+    check_backend(cfg.backend)
+    if device is not None and cfg.cuda_graphs and graph_api(device) is None:
+        raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
+    if world is not None and world.enabled:
+        if cfg.out is None:
+            raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
+        if scheduled_sampling(cfg):
+            raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
+                                "train it in one process")
+        if cfg.dropout or cfg.weight_drop:
+            raise TrainingError("dropout and weight drop are not supported under torchrun yet (every rank would draw "
+                                "the same masks for its rows): train them in one process")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastlm.errors import UsageError
+from fastlm.errors import DataError
+from fastlm.files import write_atomically
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -30,10 +31,6 @@ PTB_SHA256 = {
     "valid": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
     "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
 }
-
-
-class DataError(UsageError):
-    """A problem with the data that the user must fix; the message says how."""
 
 
 class Dictionary:
@@ -197,16 +194,6 @@ def _missing_data_message(folder: Path, reason: str, url: str) -> str:
     )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def ensure_ptb(folder: str | os.PathLike = "data/ptb", url: str = PTB_URL, timeout: float = 60.0) -> Path:
     """Make sure `folder` holds PTB's three splits, downloading and checking the missing ones.
 
@@ -228,5 +215,5 @@ def ensure_ptb(folder: str | os.PathLike = "data/ptb", url: str = PTB_URL, timeo
         digest = hashlib.sha256(payload).hexdigest()
         if digest != PTB_SHA256[split]:
             raise DataError(_missing_data_message(folder, f"checksum mismatch for {remote}: got {digest[:12]}…", url))
-        _write_atomically(folder / f"{split}.txt", payload)
+        write_atomically(folder / f"{split}.txt", payload)
     return folder

@@ -1,13 +1,12 @@
 """python -m fastlm.evaluate: perplexity of a checkpoint over a whole split."""
 from __future__ import annotations
 
-
 from fastlm.cli import ArgumentParser, run_main
-from fastlm.config import pick_device
 from fastlm.data import Corpus, batchify_for_eval
-from fastlm.models.lstm import BACKENDS
+from fastlm.device import pick_device
 from fastlm.models.lm import load_model
-from fastlm.training.trainer import evaluate, perplexity
+from fastlm.models.lstm import BACKENDS
+from fastlm.scoring import evaluate, perplexity
 
 
 def main(argv: list[str] | None = None) -> int:

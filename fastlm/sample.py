@@ -1,19 +1,19 @@
 """python -m fastlm.sample: generate text from a checkpoint."""
 from __future__ import annotations
 
-import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
-from fastlm.cli import ArgumentParser, run_main
-from fastlm.config import available_bytes, pick_device
 from fastlm.checkpoint import checkpoint_path
+from fastlm.cli import ArgumentParser, run_main
 from fastlm.data import EOS, UNK
+from fastlm.device import available_bytes, pick_device
 from fastlm.errors import UsageError
-from fastlm.models.lm import load_model
+from fastlm.files import write_atomically
 from fastlm.generation.sampling import STRATEGIES, encode_prompt, generate, to_text
+from fastlm.models.lm import load_model
 
 
 def check_output_file(path: Path) -> None:
@@ -28,12 +28,6 @@ def check_output_file(path: Path) -> None:
             pass
     except OSError as err:
         raise UsageError(f"cannot write --out {path} ({err.strerror or err}): pick another file") from None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_batch_fits(num_samples: int, model, device) -> None:

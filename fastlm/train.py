@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from fastlm.cli import ArgumentParser, EXIT_INTERRUPTED, run_main
-from fastlm.config import (RESUMABLE_OVERRIDES, TrainConfig, TrainingError, add_flag, describe_recipes,
-                           recipe_config)
+from fastlm.cli import EXIT_INTERRUPTED, ArgumentParser, run_main
+from fastlm.config import RESUMABLE_OVERRIDES, TrainConfig, add_flag, describe_recipes, recipe_config
+from fastlm.errors import TrainingError
 from fastlm.training.trainer import train
 
 

@@ -98,7 +98,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def cpu_with_16_bit_units(monkeypatch):
     """Tests of what 16-bit autocast computes, not of how fast: let the trainer accept --amp bf16/fp16
     on any CPU (it refuses them where the CPU has no units for them)."""
-    from fastlm import config
+    from fastlm import device
 
-    monkeypatch.setattr(config, "_cpu_capabilities", lambda: {unit: True for units in config.CPU_UNITS.values()
+    monkeypatch.setattr(device, "_cpu_capabilities", lambda: {unit: True for units in device.CPU_UNITS.values()
                                                               for unit in units})

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
-from fastlm.models.lm import load_model
 from fastlm.data import Corpus, batchify
-from fastlm.training.trainer import evaluate, perplexity
+from fastlm.models.lm import load_model
+from fastlm.scoring import evaluate, perplexity
 
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
         "--eval-batch-size", "3", "--device", "cpu"]

@@ -41,7 +41,8 @@ def test_compare_takes_the_same_flags_with_their_defaults(name):
 def test_cuda_devices_are_checked_against_the_machine_and_their_memory_read(monkeypatch):
     import torch
 
-    from fastlm.config import TrainingError, available_bytes, pick_device
+    from fastlm.device import available_bytes, pick_device
+    from fastlm.errors import TrainingError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

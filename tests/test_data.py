@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastlm import data
-from fastlm.data import Corpus, DataError, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
+from fastlm.data import Corpus, Dictionary, batchify, ensure_ptb, eval_windows, num_windows, tbptt_windows
+from fastlm.errors import DataError
 
 
 def _write(folder, train, valid="a b\n", test="b a\n"):

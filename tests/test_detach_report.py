@@ -6,8 +6,8 @@ import pytest
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
-from fastlm.experiments.detach import conclusions
 from fastlm.experiments.autograd_memory import FASTLM_ARM, USER_LOOPS
+from fastlm.experiments.detach import conclusions
 
 MiB = 2**20
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO
 
 from benchmarks import gpu_summary
-from conftest import REPO
 
 GRAPHED = "fastlm: 10000 words, 1549 steps/epoch, device cuda, LSTM backend triton, CUDA graphs, run folder x\n"
 ENDED = "Training time: 9.5 s for 7745 steps and 6 validation passes\n"

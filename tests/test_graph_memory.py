@@ -2,12 +2,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rel_close
 from torch import nn
 
-from fastlm.experiments.autograd_memory import (FASTLM_ARM, USER_LOOPS, SavedTensorMeter, count_graph_nodes, run_chunks,
-                                 true_last_window_gradient, user_loops_without_detach)
+from fastlm.experiments.autograd_memory import (
+    FASTLM_ARM,
+    USER_LOOPS,
+    SavedTensorMeter,
+    count_graph_nodes,
+    run_chunks,
+    true_last_window_gradient,
+    user_loops_without_detach,
+)
 from fastlm.models.lm import RNNLM
-from helpers import assert_rel_close
 
 V, E, H, B, T = 13, 5, 7, 3, 4
 

@@ -10,19 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOLERANCE, assert_rel_close, train_step
 
-from fastlm.training import graphs, trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.config import TrainConfig, use_device
+from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify, tbptt_windows
-from fastlm.training.graphs import GraphedForward, GraphedStep, SimulatedGraphs
-from fastlm.models.lstm import recurrence_dtype
+from fastlm.device import use_device
 from fastlm.models.lm import RNNLM
+from fastlm.models.lstm import recurrence_dtype
+from fastlm.scoring import evaluate
 from fastlm.train import main as train_main
+from fastlm.training import graphs, simulated_graphs, step
 from fastlm.training.optimizer import make_optimizer
-from fastlm.training.trainer import evaluate, train
-from helpers import TOLERANCE, assert_rel_close, train_step
+from fastlm.training.simulated_graphs import SimulatedGraphs
+from fastlm.training.step import EvalForward, TrainStep
+from fastlm.training.trainer import train
 
 
 def _setup(corpus_dir, backend="torch"):
@@ -43,10 +46,11 @@ def test_static_step_matches_the_plain_loop_for_20_steps(corpus_dir, backend):
     plain_weights = [p.detach().clone() for p in model.parameters()]
 
     model, optimizer, windows = _setup(corpus_dir, backend)
-    stepper = GraphedStep(model, optimizer, 4, 5, clip=0.5)
+    stepper = TrainStep(model, optimizer, 4, 5, clip=0.5)
     static = []
     for inputs, targets in windows:
         stepper.step(inputs, targets)
+        stepper.detach_state()
         static.append(stepper.take_loss_sum())
     assert static == pytest.approx(plain, rel=1e-6, abs=0)
     for a, b in zip(model.parameters(), plain_weights):
@@ -54,11 +58,26 @@ def test_static_step_matches_the_plain_loop_for_20_steps(corpus_dir, backend):
     assert_rel_close(stepper.state[0], state[0], 1e-6, "carried h")
 
 
+def test_each_step_waits_for_the_detach_that_carries_its_state(corpus_dir):
+    model, optimizer, windows = _setup(corpus_dir)
+    stepper = TrainStep(model, optimizer, 4, 5, clip=0.5)
+    stepper.step(*windows[0])
+    assert not stepper.h.any(), "the carried state changes only at the detach"
+    with pytest.raises(RuntimeError, match=r"call detach_state\(\) after each step"):
+        stepper.step(*windows[1])
+    stepper.detach_state()
+    assert torch.equal(stepper.h, stepper.new_h) and stepper.h.grad_fn is None and stepper.h.any()
+    stepper.step(*windows[1])
+    stepper.reset_state()  # an epoch's start: zeros, no carry
+    stepper.step(*windows[2])
+
+
 def test_loss_sum_stays_on_the_device_until_read(corpus_dir):
     model, optimizer, windows = _setup(corpus_dir)
-    stepper = GraphedStep(model, optimizer, 4, 5, clip=0.5)
+    stepper = TrainStep(model, optimizer, 4, 5, clip=0.5)
     for inputs, targets in windows[:3]:
         stepper.step(inputs, targets)
+        stepper.detach_state()
     total = stepper.take_loss_sum()
     assert total > 0 and stepper.take_loss_sum() == 0.0
 
@@ -73,8 +92,9 @@ def test_a_step_reads_nothing_back_to_the_host(corpus_dir, monkeypatch, backend,
     # every way a tensor's value can reach Python raises instead, for three steps after a first one.
     model, optimizer, windows = _setup(corpus_dir, backend)
     scaler = torch.amp.GradScaler("cpu") if amp == torch.float16 else None
-    stepper = GraphedStep(model, optimizer, 4, 5, clip=0.5, amp_dtype=amp, scaler=scaler)
+    stepper = TrainStep(model, optimizer, 4, 5, clip=0.5, amp_dtype=amp, scaler=scaler)
     stepper.step(*windows[0])  # lazy set-up (optimizer state, the scaler's scale) may read once
+    stepper.detach_state()
 
     def host_read(*args, **kwargs):
         raise AssertionError("the step read a tensor's value on the host")
@@ -84,6 +104,7 @@ def test_a_step_reads_nothing_back_to_the_host(corpus_dir, monkeypatch, backend,
             patched.setattr(torch.Tensor, name, host_read)
         for inputs, targets in windows[1:4]:
             stepper.step(inputs, targets)
+            stepper.detach_state()
     assert stepper.take_loss_sum() > 0  # the reads work again outside
 
 
@@ -93,9 +114,10 @@ def test_amp_steps_track_float32(corpus_dir, dtype):
     for amp in (None, dtype):
         model, optimizer, windows = _setup(corpus_dir)
         scaler = torch.amp.GradScaler("cpu") if amp == torch.float16 else None
-        stepper = GraphedStep(model, optimizer, 4, 5, clip=0.5, amp_dtype=amp, scaler=scaler)
+        stepper = TrainStep(model, optimizer, 4, 5, clip=0.5, amp_dtype=amp, scaler=scaler)
         for inputs, targets in windows[:10]:
             stepper.step(inputs, targets)
+            stepper.detach_state()
         losses[amp] = stepper.take_loss_sum() / 10
         assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay fp32"
     assert losses[dtype] == pytest.approx(losses[None], rel=0.03)
@@ -104,7 +126,7 @@ def test_amp_steps_track_float32(corpus_dir, dtype):
 def test_a_scaler_cannot_be_captured(corpus_dir):
     model, optimizer, _ = _setup(corpus_dir)
     with pytest.raises(ValueError, match="GradScaler cannot run inside a CUDA graph"):
-        GraphedStep(model, optimizer, 4, 5, 0.5, torch.float16, graphs=SimulatedGraphs(),
+        TrainStep(model, optimizer, 4, 5, 0.5, torch.float16, graphs=SimulatedGraphs(),
                     scaler=torch.amp.GradScaler("cpu"))
 
 
@@ -156,13 +178,14 @@ def test_capture_leaves_the_model_and_the_optimizer_as_they_were(corpus_dir, bac
     optimizer = make_optimizer(model, 0.01, capturable=True)
     windows = list(itertools.islice(tbptt_windows(batchify(Corpus(corpus_dir).train, 4), 5), 3))
     if trained:
-        eager = GraphedStep(model, optimizer, 4, 5, 0.5, amp)
+        eager = TrainStep(model, optimizer, 4, 5, 0.5, amp)
         for window in windows:
             eager.step(*window)
+            eager.detach_state()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     moments = _optimizer_values(optimizer)
 
-    stepper = GraphedStep(model, optimizer, 4, 5, 0.5, amp, graphs=SimulatedGraphs())
+    stepper = TrainStep(model, optimizer, 4, 5, 0.5, amp, graphs=SimulatedGraphs())
     assert stepper.graph is not None
     for name, p in model.named_parameters():
         assert torch.equal(p, weights[name]), f"capture changed {name}"
@@ -182,8 +205,8 @@ def _logged_losses_and_checkpoint(run_dir: Path) -> tuple[list[float], dict]:
 
 @pytest.fixture
 def replays(monkeypatch) -> list:
-    seen, real = [], graphs.SimulatedGraph.replay
-    monkeypatch.setattr(graphs.SimulatedGraph, "replay", lambda self: seen.append(self) or real(self))
+    seen, real = [], simulated_graphs.SimulatedGraph.replay
+    monkeypatch.setattr(simulated_graphs.SimulatedGraph, "replay", lambda self: seen.append(self) or real(self))
     return seen
 
 
@@ -236,7 +259,7 @@ def test_validation_through_a_captured_forward_equals_eager_validation(corpus_di
     corpus = Corpus(corpus_dir)
     model = RNNLM(len(corpus.dictionary), 8, 16, backend=backend)
     valid, test = batchify(corpus.valid, 3), batchify(corpus.test, 3)
-    captured = GraphedForward(model, 3, 7, amp, graphs=SimulatedGraphs())
+    captured = EvalForward(model, 3, 7, amp, graphs=SimulatedGraphs())
     assert captured.graph is not None and model.training, "capture records eval mode and gives training mode back"
     for split in (valid, test, valid):
         assert evaluate(model, split, 7, amp, forward=captured) == evaluate(model, split, 7, amp)
@@ -255,14 +278,15 @@ def test_a_failed_capture_leaves_model_optimizer_and_gradients_untouched(corpus_
     model, _, windows = _setup(corpus_dir)
     optimizer = make_optimizer(model, 0.01, capturable=True)
     if trained:
-        eager = GraphedStep(model, optimizer, 4, 5, 0.5)
+        eager = TrainStep(model, optimizer, 4, 5, 0.5)
         for window in windows[:3]:
             eager.step(*window)
+            eager.detach_state()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
     moments = _optimizer_values(optimizer)
     with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
-        GraphedStep(model, optimizer, 4, 5, 0.5, graphs=FailingGraphs())
+        TrainStep(model, optimizer, 4, 5, 0.5, graphs=FailingGraphs())
     for name, p in model.named_parameters():
         assert torch.equal(p, weights[name]), f"{name} changed"
         assert (p.grad is None) if grads[name] is None else torch.equal(p.grad, grads[name]), f"grad {name} changed"
@@ -282,14 +306,14 @@ class DriftingGraphs(SimulatedGraphs):
 
 def _capture_that_loses_a_weight(monkeypatch):
     """What the old capture did to every parameter (zeroed it), done to one."""
-    real = GraphedStep._capture
+    real = TrainStep._capture
 
     def capture(self, graph_api):
         real(self, graph_api)
         with torch.no_grad():
             self.model.linear.weight.zero_()
 
-    monkeypatch.setattr(GraphedStep, "_capture", capture)
+    monkeypatch.setattr(TrainStep, "_capture", capture)
     return SimulatedGraphs()
 
 
@@ -303,18 +327,18 @@ def test_the_trainer_falls_back_to_eager_steps_from_the_same_weights(corpus_dir,
                                                                      graph_api, message):
     eager = train(_tiny(corpus_dir, tmp_path / "eager", max_steps=40))
     api = graph_api(monkeypatch)
-    monkeypatch.setattr(trainer, "graph_api", lambda device: api)
+    monkeypatch.setattr(step, "graph_api", lambda device: api)
     # As on a GPU, --backend auto picks another LSTM for graphed steps than for eager ones.
-    monkeypatch.setattr(trainer, "resolve_backend", lambda backend, device, amp, graphed: "reference" if graphed
+    monkeypatch.setattr(step, "resolve_backend", lambda backend, device, amp, graphed: "reference" if graphed
                         else "torch")
     made = []
-    monkeypatch.setattr(trainer, "make_optimizer", lambda *a, **k: made.append(k["capturable"]) or make_optimizer(*a, **k))
+    monkeypatch.setattr(step, "make_optimizer", lambda *a, **k: made.append(k["capturable"]) or make_optimizer(*a, **k))
     capsys.readouterr()
     fallback = train(_tiny(corpus_dir, tmp_path / "fallback", max_steps=40))
     out = capsys.readouterr().out
     assert message in out and len([line for line in out.splitlines() if "CUDA graphs off" in line]) == 1
-    assert "LSTM backend reference, CUDA graphs" in out, "the run started graphed with auto's graphed pick"
     assert "from the same weights, LSTM backend torch" in out, "the fallback says the backend changed"
+    assert "LSTM backend torch, eager steps" in out, "the run's summary line tells how it trains after the fallback"
     assert fallback.train_losses == eager.train_losses
     assert made == [True, False], "the eager fallback gets a new, non-capturable optimizer"
     ckpt = load_checkpoint(tmp_path / "fallback")
@@ -326,8 +350,9 @@ def test_the_trainer_falls_back_to_eager_steps_from_the_same_weights(corpus_dir,
 def test_a_simulated_replay_refuses_a_buffer_rebound_since_capture(corpus_dir):
     model, _, windows = _setup(corpus_dir)
     optimizer = make_optimizer(model, 0.01, capturable=True)
-    stepper = GraphedStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
+    stepper = TrainStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
     stepper.step(*windows[0])
+    stepper.detach_state()
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new tensors, as from a checkpoint
     with pytest.raises(RuntimeError, match=r"buffer 'embed.weight.exp_avg' was rebound since capture"):
         stepper.step(*windows[1])
@@ -335,7 +360,7 @@ def test_a_simulated_replay_refuses_a_buffer_rebound_since_capture(corpus_dir):
 
 def test_a_simulated_capture_refuses_a_step_that_rebinds_its_own_buffers(corpus_dir):
     model, _, windows = _setup(corpus_dir)
-    stepper = GraphedStep(model, make_optimizer(model, 0.01, capturable=True), 4, 5, 0.5)
+    stepper = TrainStep(model, make_optimizer(model, 0.01, capturable=True), 4, 5, 0.5)
     stepper.free_grads = True  # zero_grad(set_to_none=True) inside the graph: backward allocates anew
     with pytest.raises(RuntimeError, match=r"'[\w.]+\.grad' was rebound by the captured function itself"):
         stepper._capture(SimulatedGraphs())
@@ -344,7 +369,7 @@ def test_a_simulated_capture_refuses_a_step_that_rebinds_its_own_buffers(corpus_
 def test_capture_needs_a_capturable_optimizer(corpus_dir):
     model, optimizer, _ = _setup(corpus_dir)
     with pytest.raises(ValueError, match="capturable=True"):
-        GraphedStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
+        TrainStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
 
 
 WORLD = types.SimpleNamespace(enabled=False)
@@ -365,7 +390,7 @@ def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, ex
     cfg = TrainConfig(device="cpu", **changes)
     scaler = torch.amp.GradScaler("cpu") if cfg.amp == "fp16" else None
     lines = []
-    api = trainer._graphs_for(cfg, torch.device("cpu"), world, scaler, lines.append)
+    api = step._graphs_for(cfg, torch.device("cpu"), world, scaler, lines.append)
     assert isinstance(api, SimulatedGraphs) if expected else api is None
     assert said in " ".join(lines) and len(lines) == bool(said)
 
@@ -478,10 +503,10 @@ def test_a_simulated_replay_repeats_the_recorded_ops_not_the_python():
 
 
 def test_a_replayed_step_keeps_the_learning_rate_it_was_captured_with(corpus_dir):
-    # Why GraphedStep refuses a changed rate (test_regularisation): the graph would go on using the old one.
+    # Why TrainStep refuses a changed rate (test_regularisation): the graph would go on using the old one.
     model, _, windows = _setup(corpus_dir)
     optimizer = make_optimizer(model, 1.0, capturable=True, kind="sgd")
-    stepper = GraphedStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
+    stepper = TrainStep(model, optimizer, 4, 5, 0.5, graphs=SimulatedGraphs())
     stepper.reset_state()
     stepper.inputs.copy_(windows[0][0])
     stepper.targets.copy_(windows[0][1])
@@ -527,13 +552,13 @@ def test_onednn_lstm_backward_survives_record_and_replay():
         torch.nn.functional.cross_entropy(logits, tokens.reshape(-1)).backward()
 
     backward()  # allocates the gradients the record then writes
-    recorder = graphs._Recorder()
+    recorder = simulated_graphs._Recorder()
     with recorder:
         backward()
     assert torch.ops.aten.mkldnn_rnn_layer_backward.default in {op.func for op in recorder.ops}
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     recorder.undo()
-    graphs.SimulatedGraph("backward", recorder.ops, dict).replay()
+    simulated_graphs.SimulatedGraph("backward", recorder.ops, dict).replay()
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, eager[name]), f"{name}'s replayed gradient differs from eager"
 

@@ -11,16 +11,16 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
+from helpers import TOLERANCE, assert_rel_close
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from conftest import REPO
 from fastlm.kernels import fused_lstm, naive_lstm
 from fastlm.kernels.fused_lstm import interpreting, launch_device, lstm_backward, lstm_forward
 from fastlm.models.lstm import LSTM
-from helpers import TOLERANCE, assert_rel_close
 
 NAMES = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 SHAPES = [  # (B, T, E, H)

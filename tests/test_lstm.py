@@ -4,11 +4,11 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_rel_close
 from torch import nn
 
 from fastlm.models import lstm as lstm_module
-from fastlm.models.lstm import LSTM, resolve_backend
-from helpers import assert_rel_close
+from fastlm.models.lstm import LSTM, check_backend, resolve_backend
 
 TOL = 1e-10
 SHAPES = [  # (B, T, E, H, L)
@@ -98,8 +98,7 @@ def test_auto_without_triton_installed_is_torch(monkeypatch):
 @pytest.mark.parametrize(
     "make, call, message",
     [
-        pytest.param(lambda: LSTM(3, 4, backend="cudnn"), None, "unknown LSTM backend 'cudnn'", id="unknown-backend"),
-        pytest.param(lambda: LSTM(3, 0), None, "hidden_size must be a positive integer", id="hidden-0"),
+        pytest.param(lambda: check_backend("cudnn"), None, "unknown LSTM backend 'cudnn'", id="unknown-backend"),
         pytest.param(lambda: LSTM(3, 4), lambda m: m(torch.randn(2, 3)), "3-D tensor", id="rank-2-input"),
         pytest.param(lambda: LSTM(3, 4), lambda m: m(torch.randn(2, 5, 7)), "feature size 7", id="wrong-feature-size"),
         pytest.param(

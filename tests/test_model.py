@@ -1,10 +1,10 @@
 """RNNLM: the classic tutorial's keys, and the same function as a model built from nn modules."""
 import pytest
 import torch
+from helpers import assert_rel_close
 from torch import nn
 
 from fastlm.models.lm import RNNLM
-from helpers import assert_rel_close
 
 KEYS = ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
         "linear.weight", "linear.bias"]

@@ -8,20 +8,21 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
-from fastlm.models import lstm as lstm_module
-from fastlm.training import trainer
+from helpers import TOLERANCE, assert_rel_close
+
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.config import RECIPES, TrainConfig, recipe_config
+from fastlm.config import RECIPES, TrainConfig, check_config, recipe_config
 from fastlm.errors import UsageError
 from fastlm.kernels import naive_lstm
-from fastlm.models.lstm import LSTM, sequence_dropout
+from fastlm.models import lstm as lstm_module
 from fastlm.models.lm import RNNLM
+from fastlm.models.lstm import LSTM, sequence_dropout
 from fastlm.train import main as train_main
+from fastlm.training import trainer
+from fastlm.training.step import TrainStep
 from fastlm.training.trainer import train
-from helpers import TOLERANCE, assert_rel_close
 
 BACKENDS = ["torch", "reference", "triton"]
 
@@ -123,8 +124,8 @@ def test_tied_weights_are_one_tensor_and_untied_keep_the_tutorial_keys():
     logits.sum().backward()
     optimizer.step()
     assert tied.linear.weight is tied.embed.weight, "still one tensor after an update"
-    with pytest.raises(UsageError, match="--embed-size must equal --hidden-size"):
-        RNNLM(30, 8, 16, tied=True)
+    with pytest.raises(UsageError, match="--embed-size must equal --hidden-size"):  # the model trusts a checked config
+        check_config(TrainConfig(embed_size=8, hidden_size=16, tied=True))
 
 
 def test_init_range_is_the_examples():
@@ -151,8 +152,8 @@ def test_sgd_divides_the_rate_when_validation_does_not_improve(corpus_dir, tmp_p
     monkeypatch.setattr(trainer.Run, "validate",
                         lambda self, data: next(losses) if data is self.valid_data else real_validate(self, data))
     captures = []
-    real_capture = trainer.GraphedStep._capture
-    monkeypatch.setattr(trainer.GraphedStep, "_capture", lambda self, api: captures.append(1) or real_capture(self, api))
+    real_capture = TrainStep._capture
+    monkeypatch.setattr(TrainStep, "_capture", lambda self, api: captures.append(1) or real_capture(self, api))
     run = tmp_path / "run"
     train(tiny(corpus_dir, run, optimizer="sgd", lr=1.0, lr_decay=4.0))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -163,14 +164,16 @@ def test_sgd_divides_the_rate_when_validation_does_not_improve(corpus_dir, tmp_p
 
 
 def test_a_captured_step_refuses_a_rate_changed_behind_its_back(corpus_dir):
-    from fastlm.training.graphs import GraphedStep, SimulatedGraphs
     from fastlm.training.optimizer import make_optimizer
+    from fastlm.training.simulated_graphs import SimulatedGraphs
+    from fastlm.training.step import TrainStep
 
     model = RNNLM(14, 8, 8)
     optimizer = make_optimizer(model, 1.0, capturable=True, kind="sgd")
-    stepper = GraphedStep(model, optimizer, 2, 3, 0.5, graphs=SimulatedGraphs())
+    stepper = TrainStep(model, optimizer, 2, 3, 0.5, graphs=SimulatedGraphs())
     tokens = torch.randint(0, 14, (2, 3))
     stepper.step(tokens, tokens)
+    stepper.detach_state()
     optimizer.param_groups[0]["lr"] = 0.5
     with pytest.raises(RuntimeError, match="learning rate changed since the step was captured"):
         stepper.step(tokens, tokens)
@@ -213,21 +216,23 @@ def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir,
     assert graphed.train_losses == eager.train_losses, "the same masks, drawn fresh at every replay"
 
 
-def test_the_snapshot_of_a_cuda_step_covers_its_generator(monkeypatch):
-    from fastlm.training.graphs import rng_states, set_rng_states
+def test_the_rng_state_covers_every_cuda_generator(monkeypatch):
+    # One helper for checkpoints and for the step's snapshots around capture: dropout masks on a GPU
+    # come from the CUDA generators, so their states are saved and put back too.
+    from fastlm.device import rng_state, set_rng_state
 
-    calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or "cuda-state")
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state, device)))
-    gpu = torch.device("cuda", 1)
-    states = rng_states(gpu)
-    assert states["cuda"] == "cuda-state" and torch.equal(states["cpu"], torch.get_rng_state())
-    set_rng_states(states, gpu)
-    assert calls == [("get", gpu), ("set", "cuda-state", gpu)]
+    calls, cuda_states = [], ["cuda:0 state", "cuda:1 state"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("get") or cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states)))
+    state = rng_state()
+    assert state["cuda"] == cuda_states and torch.equal(state["torch"], torch.get_rng_state())
+    set_rng_state(state)
+    assert calls == ["get", ("set", cuda_states)]
 
 
 def test_masks_that_would_be_drawn_per_word_are_refused_with_scheduled_sampling(corpus_dir, tmp_path):
-    from fastlm.config import TrainingError, check_config
+    from fastlm.errors import TrainingError
 
     for extra in ({"weight_drop": 0.2}, {"dropout": 0.2, "locked_dropout": True}):
         with pytest.raises(TrainingError, match="would draw a mask per word, not per window"):

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from fastlm import checkpoint as checkpoint_module
-from fastlm.training import rundir as run_module
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
-from fastlm.config import TrainConfig, TrainingError
-from fastlm.training.rundir import RunFolder, RunFolderError
+from fastlm.config import TrainConfig
+from fastlm.errors import RunFolderError, TrainingError
 from fastlm.train import main as train_main
+from fastlm.training import rundir as run_module
+from fastlm.training.rundir import RunFolder
 from fastlm.training.trainer import train
 
 

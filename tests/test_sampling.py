@@ -5,9 +5,9 @@ from torch import nn
 
 from fastlm.cli import run_main
 from fastlm.data import EOS
+from fastlm.generation.sampling import filter_logits, generate, next_words
 from fastlm.models.lm import load_model
 from fastlm.sample import main as sample_main
-from fastlm.generation.sampling import filter_logits, generate, next_words
 
 
 class FullPrefix(nn.Module):

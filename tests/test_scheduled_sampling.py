@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOLERANCE, assert_rel_close, train_step
 from torch import nn
 
 from fastlm.models.lm import RNNLM
 from fastlm.training.scheduled_sampling import SCHEDULES, free_running_step, teacher_forcing_probability
-from helpers import TOLERANCE, assert_rel_close, train_step
 
 V, E, H, B, T = 11, 6, 8, 3, 5
 

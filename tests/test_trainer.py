@@ -13,16 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from fastlm.training import trainer
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify
+from fastlm.errors import DivergedError
 from fastlm.evaluate import main as evaluate_main
-from fastlm.training.graphs import GraphedForward
 from fastlm.models.lm import RNNLM
+from fastlm.scoring import evaluate
 from fastlm.train import main as train_main
-from fastlm.training.trainer import DivergedError, evaluate, train
+from fastlm import device
+from fastlm.training import rundir, step, trainer
+from fastlm.training.step import EvalForward
+from fastlm.training.trainer import train
 
 
 def tiny(corpus_dir, out, **changes) -> TrainConfig:
@@ -44,15 +47,15 @@ def test_training_learns_the_corpus(corpus_dir, tmp_path):
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx-cpu", "plain-cpu"])
 def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, tmp_path, monkeypatch, capsys, amx):
-    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: amx)
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx)
     amp_dtypes = []
 
-    class RecordingStep(trainer.GraphedStep):
+    class RecordingStep(step.TrainStep):
         def __init__(self, model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest, **options):
             amp_dtypes.append(amp_dtype)
             super().__init__(model, optimizer, batch_size, seq_len, clip, amp_dtype, *rest, **options)
 
-    monkeypatch.setattr(trainer, "GraphedStep", RecordingStep)
+    monkeypatch.setattr(step, "TrainStep", RecordingStep)
     train(tiny(corpus_dir, tmp_path / "run", epochs=1))
     assert amp_dtypes == [None], "the CPU default must train in float32 (no autocast)"
     assert ("--amp bf16" in capsys.readouterr().out) == amx
@@ -60,7 +63,7 @@ def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, 
 
 def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkeypatch, capsys):
     # Every epoch writes two checkpoints; on the trainer's clock each write takes an hour.
-    hour, real_save, writes = 3600.0, trainer.save_checkpoint, []
+    hour, real_save, writes = 3600.0, rundir.save_checkpoint, []
     clock = types.SimpleNamespace(offset=0.0)
 
     def slow_save(obj, path):
@@ -68,7 +71,7 @@ def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkey
         writes.append(path)
         real_save(obj, path)
 
-    monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
+    monkeypatch.setattr(rundir, "save_checkpoint", slow_save)
     result = train(tiny(corpus_dir, tmp_path / "run", epochs=2), clock=lambda: time.perf_counter() + clock.offset)
     assert len(writes) == 4
     assert 0 < result.train_seconds < hour
@@ -110,13 +113,13 @@ def test_resume_in_float16_restores_the_loss_scale(corpus_dir, tmp_path, monkeyp
     at_split = scalers[-1].state_dict()
     assert at_split["scale"] not in (65536.0, None), "the test needs a scale that moved away from its start"
     resumed = {}
-    real_step = trainer.GraphedStep.step
+    real_step = step.TrainStep.step
 
     def note_scale_first(self, inputs, targets):
         resumed.setdefault("scale", self.scaler.get_scale())
         return real_step(self, inputs, targets)
 
-    monkeypatch.setattr(trainer.GraphedStep, "step", note_scale_first)
+    monkeypatch.setattr(step.TrainStep, "step", note_scale_first)
     second = train(TrainConfig(), resume=str(tmp_path / "split"), overrides={"max_steps": 300})
     assert resumed["scale"] == at_split["scale"]
     assert first.train_losses + second.train_losses == straight.train_losses
@@ -182,7 +185,7 @@ def test_one_forward_serves_every_evaluation_of_its_shape(corpus_dir):
     torch.manual_seed(0)
     model = RNNLM(len(corpus.dictionary), 8, 16)
     valid, test = batchify(corpus.valid, 3), batchify(corpus.test, 3)
-    forward = GraphedForward(model, 3, 7)
+    forward = EvalForward(model, 3, 7)
     for split in (valid, test, valid):
         assert evaluate(model, split, 7, forward=forward) == evaluate(model, split, 7)
     with pytest.raises(ValueError, match=r"built for windows \(3, 7\)"):
@@ -199,7 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tm
         loss = real(*args, **kwargs)
         return loss * math.nan if calls["n"] == 200 else loss  # in the second epoch
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     with pytest.raises(DivergedError, match=r"training loss became nan by step \d+; stopped without saving: "
                                             r".*checkpoint.pt keeps step 132 \(try a lower --lr\)"):
         train(cfg)
@@ -337,9 +340,7 @@ def test_a_run_speaks_at_once_and_says_where_it_stands(corpus_dir, tmp_path, cap
 
 @pytest.mark.parametrize("amp, units", [("bf16", "AMX_BF16 or AVX512_BF16"), ("fp16", "AMX_FP16 or AVX512_FP16")])
 def test_16_bit_autocast_on_a_cpu_without_its_units_is_refused(corpus_dir, tmp_path, capsys, monkeypatch, amp, units):
-    from fastlm import config
-
-    monkeypatch.setattr(config, "_cpu_capabilities", lambda: {"avx512_f": True})
+    monkeypatch.setattr(device, "_cpu_capabilities", lambda: {"avx512_f": True})
     code, out = _cli(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "run"), "--device", "cpu",
                                   "--amp", amp], capsys)
     assert code == 2 and f"this CPU has no {amp} units ({units}), so --amp {amp} would run many times slower" in out.err

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from benchmarks import tune_step
-from fastlm.training import graphs
-from fastlm.training.graphs import SimulatedGraphs
 from fastlm.kernels.fused_lstm import StepConfig, rule_step_config, step_config
+from fastlm.training import simulated_graphs
+from fastlm.training.simulated_graphs import SimulatedGraphs
 
 SHAPE = (3, 16)  # B, H
 OTHER = StepConfig(16, 16, 32, 4, 3)
@@ -130,8 +130,8 @@ def test_the_compile_warm_up_runs_each_candidate_and_passes_over_failures(monkey
 def test_replays_are_timed_between_device_synchronisations(monkeypatch):
     syncs, runs, replays = [], [], []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
-    replay = graphs.SimulatedGraph.replay
-    monkeypatch.setattr(graphs.SimulatedGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    replay = simulated_graphs.SimulatedGraph.replay
+    monkeypatch.setattr(simulated_graphs.SimulatedGraph, "replay", lambda graph: replays.append(1) or replay(graph))
     seconds = tune_step.time_replays(lambda: runs.append(1), SimulatedGraphs(), replays=3, device="cuda")
     assert seconds >= 0 and len(syncs) == 10, "before and after each of the five timed batches"
     assert len(runs) == 2, "the Python runs for the warm-up and the capture; a replay runs the record"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.checkpoint import first_line
+from fastlm.errors import first_line
 from fastlm.models.lm import RNNLM
 from fastlm.training.optimizer import update
 

@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import figures as plots
-from fastlm.experiments.teacher_forcing import MB, fresh_folder, load_corpus
-from fastlm.config import TrainConfig, TrainingError, pick_device
+from fastlm.config import TrainConfig
 from fastlm.data import batchify, tbptt_windows
-from fastlm.experiments.autograd_memory import (FASTLM_ARM, TINY_SHAPE, count_graph_nodes, run_chunks,
-                                 user_loops_without_detach)
-from fastlm.models.lstm import resolve_backend
+from fastlm.device import pick_device
+from fastlm.errors import TrainingError
+from fastlm.experiments.autograd_memory import (
+    FASTLM_ARM,
+    TINY_SHAPE,
+    count_graph_nodes,
+    run_chunks,
+    user_loops_without_detach,
+)
+from fastlm.experiments.teacher_forcing import MB, fresh_folder, load_corpus
 from fastlm.models.lm import RNNLM
+from fastlm.models.lstm import resolve_backend
 
 ARMS = (("detach", True), ("no-detach", False))
 BYTE_FIELDS = ("graph_bytes", "activation_bytes", "snapshot_bytes", "bytes_after_step")

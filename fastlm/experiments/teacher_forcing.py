@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 
 from fastlm import figures as plots
-from fastlm.config import DEFAULT_DATA, TrainConfig, TrainingError, pick_device
+from fastlm.config import DEFAULT_DATA, TrainConfig
 from fastlm.data import EOS, Corpus, batchify, ensure_ptb, num_windows
+from fastlm.device import pick_device
+from fastlm.errors import TrainingError
 from fastlm.generation.embedding import cosine_distance, word_vectors
-from fastlm.models.lstm import resolve_backend
-from fastlm.models.lm import RNNLM, load_model
 from fastlm.generation.sampling import generate, to_text
-from fastlm.training.trainer import evaluate, perplexity, train
+from fastlm.models.lm import RNNLM, load_model
+from fastlm.models.lstm import resolve_backend
+from fastlm.scoring import evaluate, perplexity
+from fastlm.training.trainer import train
 
 MB = 2**20
 TF, FR = ARMS = ("teacher-forced", "free-running")

@@ -10,10 +10,10 @@ import os
 import torch
 from torch import Tensor, nn
 
-from fastlm.checkpoint import CheckpointError, check_finite_weights, first_line, load_checkpoint
+from fastlm.checkpoint import check_finite_weights, load_checkpoint
 from fastlm.data import Dictionary
-from fastlm.errors import UsageError
-from fastlm.models.lstm import LSTM, sequence_dropout
+from fastlm.errors import CheckpointError, first_line
+from fastlm.models.lstm import LSTM, check_backend, sequence_dropout
 
 State = tuple[Tensor, Tensor]
 
@@ -26,7 +26,8 @@ class RNNLM(nn.Module):
     (`locked_dropout`: one mask per row for the whole window, variational dropout); `weight_drop`
     on W_hh (see `LSTM`); `tied`: the output layer shares the embedding matrix (needs embed size =
     hidden size). `init_range` r draws the embedding and output weights from U(-r, r) and zeroes the
-    output bias, as that example does; None keeps torch's defaults.
+    output bias, as that example does; None keeps torch's defaults. The arguments are trusted:
+    `fastlm.config.check_config` checks them, with messages naming the flags.
 
     Shapes: tokens (B, T) → logits (B·T, V); state (h, c), each (L, B, H).
     """
@@ -45,13 +46,6 @@ class RNNLM(nn.Module):
         init_range: float | None = None,
     ):
         super().__init__()
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-        if tied and embed_size != hidden_size:
-            raise UsageError(f"--tied shares the embedding with the output layer, so --embed-size must equal "
-                             f"--hidden-size (got {embed_size} and {hidden_size})")
-        if not 0 <= dropout < 1:
-            raise UsageError(f"--dropout is a probability in [0, 1), got {dropout}")
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.lstm = LSTM(embed_size, hidden_size, num_layers, batch_first=True, backend=backend, dropout=dropout,
                          locked_dropout=locked_dropout, weight_drop=weight_drop)
@@ -91,9 +85,19 @@ class RNNLM(nn.Module):
                 torch.zeros(shape, device=device, dtype=weight.dtype))
 
 
+def parameter_count(cfg, vocab_size: int) -> int:
+    """The number of parameters of the model a config (a TrainConfig) describes, before building it."""
+    lstm = sum(4 * cfg.hidden_size * ((cfg.embed_size if layer == 0 else cfg.hidden_size) + cfg.hidden_size + 2)
+               for layer in range(cfg.num_layers))
+    output = vocab_size * (1 if cfg.tied else cfg.hidden_size + 1)  # tied: only its bias is its own
+    return vocab_size * cfg.embed_size + lstm + output
+
+
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
                ) -> tuple[RNNLM, Dictionary, dict]:
     """The model and vocabulary of a checkpoint (a run folder or a .pt file), ready for inference."""
+    if backend is not None:
+        check_backend(backend)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_finite_weights(ckpt, checkpoint)
     cfg = ckpt["config"]

@@ -31,6 +31,15 @@ def _triton_available() -> bool:
         return False
 
 
+def check_backend(backend: str) -> None:
+    """The one check of a backend name: known, and for ``triton`` installed."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not _triton_available():
+        raise UsageError("the triton backend needs Triton, which is not installed: the CUDA builds of torch bring "
+                         "it (elsewhere pip install 'triton>=3.3'), or choose --backend torch")
+
+
 def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.dtype | None = None,
                     graphed: bool = False) -> str:
     """The concrete backend `auto` stands for (other names pass through): the one expected to be
@@ -42,11 +51,6 @@ def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.d
     eagerly (DDP, fp16 with its scaler, --no-cuda-graphs, scheduled sampling, evaluation), where
     those launches make the kernel launch-bound; and on the CPU.
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "triton" and not _triton_available():
-        raise UsageError("the triton backend needs Triton, which is not installed: the CUDA builds of torch bring "
-                         "it (elsewhere pip install 'triton>=3.3'), or choose --backend torch")
     if backend != "auto":
         return backend
     fused_wins = (torch.device(device).type == "cuda" and graphed and amp_dtype in (torch.bfloat16, torch.float16)
@@ -55,13 +59,9 @@ def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.d
 
 
 def recurrence_dtype(device_type: str, autocast_dtype: torch.dtype) -> torch.dtype:
-    """The dtype torch's LSTM kernel runs in under autocast: the one asked for, except on the CPU.
-
-    With oneDNN's LSTM in bf16 as well, one PTB epoch ended at validation perplexity 162 against
-    fp32's 141; with it in fp32 and only the rest under autocast, at 141.1 (most likely the cell
-    state: bf16's 8-bit mantissa drops the small updates c accumulates, a cost the fused kernel
-    avoids by keeping c in fp32). So on the CPU the recurrence stays fp32.
-    """
+    """The dtype torch's LSTM kernel runs in under autocast: the one asked for, except on the CPU,
+    where oneDNN's bf16 LSTM rounds the cell state and costs perplexity (the fused kernel keeps c in
+    fp32; the measurement is in benchmarks/README.md), so the CPU recurrence stays fp32."""
     return torch.float32 if device_type == "cpu" else autocast_dtype
 
 
@@ -104,14 +104,6 @@ class LSTM(nn.LSTM):
         locked_dropout: bool = False,
         weight_drop: float = 0.0,
     ):
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LSTM {name} must be a positive integer, got {value!r}")
-        for name, value in (("dropout", dropout), ("weight_drop", weight_drop)):
-            if not 0 <= value < 1:
-                raise UsageError(f"LSTM {name} is a probability in [0, 1), got {value!r}")
         super().__init__(input_size, hidden_size, num_layers, batch_first=batch_first, device=device, dtype=dtype)
         self.backend = backend
         self.layer_dropout, self.locked_dropout, self.weight_drop = dropout, locked_dropout, weight_drop

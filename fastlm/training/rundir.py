@@ -1,21 +1,36 @@
-"""What a training run needs besides the loop: its folder, its RNG state, and a polite Ctrl-C or SIGTERM."""
+"""Opening a run (its config from the flags or the checkpoint, the device, torchrun, the folder
+locked for one run and one process), the folder's files, and a polite Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fastlm.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    FOR_RESUME,
+    check_finite_weights,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastlm.config import TrainConfig, check_config, resume_config
+from fastlm.device import pick_device, use_device
+from fastlm.errors import CheckpointError, RunFolderError, TrainingError, first_line
+from fastlm.files import write_atomically
 from fastlm.training import distributed
-from fastlm.checkpoint import BEST, CHECKPOINT, first_line
-from fastlm.config import TrainingError
 
 
 class StopFlag:
@@ -56,8 +71,6 @@ class StopFlag:
 METRICS = "metrics.jsonl"  # one JSON record per line: log points, validations, tests
 
 
-class RunFolderError(TrainingError):
-    """The run folder cannot be used or written; the message says what to change."""
 RUN_FILES = (CHECKPOINT, BEST, METRICS)
 
 
@@ -70,10 +83,10 @@ class RunFolder:
     files of checkpoint writes that a killed process left behind (only the lock holder writes here).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, saved_step: int | None = None):
         self.path = Path(path)
+        self.saved_step = saved_step  # the global step its checkpoint.pt holds, None while there is none
         self._lock = None
-
 
     def open(self, fresh: bool) -> None:
         try:
@@ -118,6 +131,20 @@ class RunFolder:
             (self.path / ".lock").unlink()
             self.path.rmdir()
 
+    def save(self, checkpoint: dict, name: str, global_step: int, write: bool = True) -> None:
+        """Write a checkpoint (atomically; `write=False` on the ranks that leave it to rank 0) and
+        remember which step checkpoint.pt now holds."""
+        if write:
+            save_checkpoint(checkpoint, self.path / name)
+        if name == CHECKPOINT:
+            self.saved_step = global_step
+
+    def kept(self) -> str:
+        """What the folder holds to go back to, said truthfully."""
+        if self.saved_step is None:
+            return f"no checkpoint was written to {self.path}"
+        return f"{self.path / CHECKPOINT} keeps step {self.saved_step}"
+
     def append(self, record: dict) -> None:
         """Append one record to metrics.jsonl whole or not at all: a write cut short (disk full) is
         cut back off, so readers never meet half a line."""
@@ -146,35 +173,27 @@ class RunFolder:
         path = self.path / METRICS
         if not path.is_file():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("global_step", 0) <= global_step:
-                kept.append(line + "\n")
-        tmp = path.with_name(f".{METRICS}.{os.getpid()}.tmp")
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("global_step", 0) <= global_step]
         try:
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            write_atomically(path, "".join(kept))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise RunFolderError(f"cannot rewrite {path} ({first_line(err)}): it is as it was; free some space, "
                                  "then --resume the run") from None
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl, in order ([] when it has none); a torn line (a
+    write cut short before `append` could cut it back) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def new_run_dir() -> Path:
@@ -184,3 +203,71 @@ def new_run_dir() -> Path:
         n += 1
         run_dir = Path("runs") / f"{stamp}-{n}"
     return run_dir
+
+
+@dataclass
+class OpenedRun:
+    """What opening a run settled: its checked config, the checkpoint it resumes (None for a new
+    run), where it trains, and its folder, locked."""
+    cfg: TrainConfig
+    ckpt: dict | None
+    device: torch.device
+    world: distributed.World
+    folder: RunFolder
+
+
+@contextlib.contextmanager
+def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None) -> Iterator[OpenedRun]:
+    """Open a new run, or resume one (`resume`: a run folder or a checkpoint; `overrides`: the flags
+    given with it): the config checked, the device chosen, torchrun joined, the folder created and
+    locked (rank 0 owns it; every rank learns whether it may go on). On leaving, the lock is
+    released, a folder this call created and nothing wrote to is removed, and torchrun is left."""
+    ckpt, source = None, None
+    if resume is not None:
+        source = checkpoint_path(resume)
+        ckpt = load_checkpoint(source, needs=FOR_RESUME)
+        check_finite_weights(ckpt, source)
+        cfg = resume_config(ckpt["config"], {"out": str(source.parent), **(overrides or {})})
+    device = pick_device(cfg.device)
+    world = distributed.join(cuda=device.type == "cuda")
+    try:
+        if world.enabled and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        check_config(cfg, world, device)
+        use_device(device)
+        folder = RunFolder(Path(cfg.out) if cfg.out else new_run_dir())
+        in_place = source is not None and folder.path.resolve() == source.parent.resolve()
+        folder.saved_step = ckpt["global_step"] if in_place else None
+        if in_place and source.name != CHECKPOINT:
+            _refuse_rolling_back(folder.path, source, ckpt)
+        problem, existed = None, folder.path.exists()
+        if world.is_main:
+            try:
+                folder.open(fresh=not in_place)
+            except TrainingError as err:
+                problem = err
+        refused = torch.tensor([float(problem is not None)], device=distributed.collective_device())
+        if distributed.sum_(refused).item():
+            raise problem or TrainingError(f"rank 0 could not use {folder.path} as the run folder (it says why)")
+        try:
+            if in_place and world.is_main:
+                folder.keep_records_up_to(ckpt["global_step"])  # a crash after them: the resumed run repeats them
+            yield OpenedRun(cfg, ckpt, device, world, folder)
+        finally:
+            folder.close()
+            if not existed and world.is_main:
+                folder.remove_if_unused()  # bad input stopped the run before it wrote anything
+    finally:
+        distributed.leave(world)
+
+
+def _refuse_rolling_back(run_dir: Path, source: Path, ckpt: dict) -> None:
+    """Resuming from best.pt (or another file) in its own folder would overwrite a later checkpoint.pt."""
+    latest = run_dir / CHECKPOINT
+    try:
+        step = load_checkpoint(latest)["global_step"]
+    except CheckpointError:  # none, or unreadable: nothing to protect
+        return
+    if step != ckpt["global_step"]:
+        raise TrainingError(f"resuming from {source} (step {ckpt['global_step']}) in {run_dir} would overwrite "
+                            f"{latest} (step {step}): pass --out NEW_FOLDER to continue from {source.name} there")

@@ -19,7 +19,7 @@ PAGES = sum(SIZES_MIB) * 2**20 // 4096
 
 SCRIPT = f"""
 import ctypes, resource, torch
-from fastlm.allocator import M_TRIM_THRESHOLD, is_retaining_freed_memory, retain_freed_memory
+from fastlm.device import M_TRIM_THRESHOLD, is_retaining_freed_memory, retain_freed_memory
 
 M_MMAP_THRESHOLD = -3
 mallopt = ctypes.CDLL("libc.so.6").mallopt
