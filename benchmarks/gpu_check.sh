@@ -91,7 +91,7 @@ if [ $rehearse = 1 ]; then
 write_corpus(Path(sys.argv[1]), lines=(60, 12, 12))" "$out/corpus"
     # bf16 where the CPU multiplies it (the trainer refuses it elsewhere); either way the fused
     # kernel runs in graphed steps, the GPU's path
-    amp=$($py -c "import torch; from fastlm.config import check_cpu_can_multiply; \
+    amp=$($py -c "import torch; from fastlm.device import check_cpu_can_multiply; \
 check_cpu_can_multiply(torch.bfloat16); print('bf16')" 2>/dev/null || echo off)
     tiny=(--data "$out/corpus" --batch-size 4 --seq-len 4 --eval-batch-size 3 --log-interval 10)
     full=("${tiny[@]}" --embed-size 16 --hidden-size 32 --epochs 2 --backend triton --amp "$amp")

@@ -4,22 +4,20 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.errors import UsageError
 from fastlm.figures import curves
-from fastlm.training.rundir import METRICS
+from fastlm.training.rundir import METRICS, read_metrics
 
 
 def run_curves(run: Path) -> tuple[tuple[list, list], tuple[list, list]]:
     """(steps, training loss) and (steps, validation perplexity at epoch ends) of a run folder."""
-    path = run / METRICS
-    if not path.is_file():
+    if not (run / METRICS).is_file():
         raise UsageError(f"{run} has no {METRICS} (not a run folder, or a run that has logged nothing yet): "
                          "pass run folders that fastlm.train wrote")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(run)
     train = [(r["global_step"], r["loss"]) for r in records if r["split"] == "train"]
     valid = [(r["global_step"], r["ppl"]) for r in records if r["split"] == "valid" and "tokens" not in r]
     return tuple(map(list, zip(*train))) or ([], []), tuple(map(list, zip(*valid))) or ([], [])

@@ -19,13 +19,10 @@ pass:  G_t = XP_t + h_{t−1} W_hhᵀ;  c_t = σ(G_f)·c_{t−1} + σ(G_i)·tanh
 Backward step (one launch per t, t = T−1 … 0). A program owns BLOCK_N hidden units and computes
     dh_t = ∂L/∂out_t + dG_{t+1} W_hh            (the recurrent product, reduced over all G rows)
 and then, as the *epilogue* of that product, the gate gradients dG_t of its own units and the
-carried dc_{t−1}. The issue's sketch puts the gate gradients in the *prologue* of dG_t W_hh
-instead, where each program recomputes the pointwise part of every G row it reduces over: with
-H / BLOCK_N programs that reads the saved activations H / BLOCK_N times per step (16× at H = 1024,
-~10 MB of extra L2 traffic per step next to the 8.4 MB of W_hh). In the epilogue every program
-already holds the finished dh_t of exactly the units whose gates it differentiates, so each saved
-activation is read once and each dG_t element written once, in the same single launch per step.
-(Reasoned from the byte count; no GPU was available to time both.)
+carried dc_{t−1}. Every program already holds the finished dh_t of exactly the units whose gates it
+differentiates, so each saved activation is read once and each dG_t element written once. (In the
+product's *prologue* instead, each program would recompute the pointwise part of every G row it
+reduces over: the saved activations read H / BLOCK_N times per step, 16× at H = 1024.)
 
 Numerics. Gate math and c are fp32 whatever the input dtype; bf16/fp16 operands go to `tl.dot`
 as they are (tensor cores), accumulating in fp32. tanh is written through the sigmoid,

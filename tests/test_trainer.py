@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastlm import device
 from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig
@@ -22,7 +23,6 @@ from fastlm.evaluate import main as evaluate_main
 from fastlm.models.lm import RNNLM
 from fastlm.scoring import evaluate
 from fastlm.train import main as train_main
-from fastlm import device
 from fastlm.training import rundir, step, trainer
 from fastlm.training.step import EvalForward
 from fastlm.training.trainer import train

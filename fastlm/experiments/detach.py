@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastlm import figures as plots
+from fastlm import figures
 from fastlm.config import TrainConfig
 from fastlm.data import batchify, tbptt_windows
 from fastlm.device import pick_device
@@ -23,7 +23,7 @@ from fastlm.experiments.autograd_memory import (
     run_chunks,
     user_loops_without_detach,
 )
-from fastlm.experiments.teacher_forcing import MB, fresh_folder, load_corpus
+from fastlm.experiments.common import MB, fresh_folder, load_corpus
 from fastlm.models.lm import RNNLM
 from fastlm.models.lstm import resolve_backend
 
@@ -57,7 +57,7 @@ def compare_detach(base: TrainConfig, chunks: int, out_dir: Path, repeats: int =
     loops = {"windows": USER_LOOP_WINDOWS, "lr": USER_LOOP_LR, "shape": TINY_SHAPE,
              "outcomes": [asdict(o) for o in user_loops_without_detach(USER_LOOP_WINDOWS, USER_LOOP_LR)]}
     nodes = _tiny_graph_nodes()
-    plots.unrolled_graph(out_dir / "unrolled_graph.png", seq_len=3, chunks=2, **nodes)
+    figures.unrolled_graph(out_dir / "unrolled_graph.png", seq_len=3, chunks=2, **nodes)
     _plot_memory_and_time(out_dir / "detach_memory.png", results, repeats, base, device)
     report = {"config": asdict(base), "chunks": chunks, "repeats": repeats, "device": str(device),
               "torch": torch.__version__, "bytes_identical_across_repeats": identical, "results": results,
@@ -295,7 +295,7 @@ def _plot_memory_and_time(path: Path, results: dict, repeats: int, base: TrainCo
     mib = lambda label, field: [row[field] / MB for row in results[label]]
     seconds = lambda label: tuple([row[field] for row in results[label]] for field in ("step_s", "step_s_min",
                                                                                          "step_s_max"))
-    plots.curves(path, [
+    figures.curves(path, [
         {"title": "bytes autograd keeps for backward", "xlabel": "window", "ylabel": "MiB",
          "series": {"detach": (ks, mib("detach", "graph_bytes")),
                     "no detach: total": (ks, mib("no-detach", "graph_bytes")),

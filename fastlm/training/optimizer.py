@@ -9,7 +9,7 @@ def make_optimizer(model: nn.Module, lr: float, capturable: bool, state: dict | 
                    kind: str = "adam") -> torch.optim.Optimizer:
     """The optimizer, optionally from a saved state (its learning rate included).
 
-    `adam`: fused (all parameters in one kernel: ~6x the default's speed on this CPU); `capturable`
+    `adam`: fused (all parameters in one kernel, not one per parameter); `capturable`
     keeps its step count on the device, which a CUDA graph needs, and is this run's choice, not the
     saved run's, so it is set after loading. `sgd`: plain SGD, p ← p − lr·g, as the PyTorch
     word-language-model example updates (a CUDA graph can replay it as it is).

@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.config import TrainConfig, scheduled_sampling
-from fastlm.device import autocast, rng_state, set_rng_state
+from fastlm.device import autocast
 from fastlm.errors import first_line
 from fastlm.models.lm import RNNLM
 from fastlm.models.lstm import resolve_backend
 from fastlm.training import distributed
 from fastlm.training.graphs import WARMUP_STEPS, GraphAPI, graph_api
 from fastlm.training.optimizer import make_optimizer, update
+from fastlm.training.snapshot import Snapshot
 
 # How far the first replayed loss may be from an eager forward's (relative), by autocast dtype.
 REPLAY_TOLERANCE = {None: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -83,67 +84,6 @@ class EvalForward:
             self._forward()
 
 
-class _Snapshot:
-    """The values of the parameters, gradients, optimizer state and carried state of a step, to put
-    back exactly. Tensors are held as the live objects (never `p.data`, a new object per call)."""
-
-    def __init__(self, step: TrainStep):
-        self.named = [(name, p, p.detach().clone()) for name, p in step.model.named_parameters()]
-        self.optimizer_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                                for p, s in step.optimizer.state.items()}
-        self.grads = [(p, None if p.grad is None else p.grad.clone()) for _, p, _ in self.named]
-        self.carried = [(t, t.clone()) for t in (step.h, step.c, step.loss_sum)]
-        # The random generators too: warm-up and trial steps draw dropout masks. Put back, the next step
-        # (a replay, which draws from the generator's state at that moment, or an eager step) draws the
-        # masks an eager run would, and each replay advances the generator, so masks stay fresh.
-        self.rng = rng_state()
-
-    def changed_parameters(self) -> list[str]:
-        return [name for name, p, saved in self.named if not torch.equal(p.detach(), saved)]
-
-    def updates(self) -> list[torch.Tensor]:
-        """How far each parameter moved since the snapshot."""
-        return [p.detach() - saved for _, p, saved in self.named]
-
-    @torch.no_grad()
-    def restore_keeping_new_state(self, step: TrainStep) -> None:
-        """Put every value back; optimizer state made since the snapshot stays, zeroed as Adam starts
-        it, since a captured graph reads those very tensors."""
-        self._restore(step, keep_new_state=True)
-
-    @torch.no_grad()
-    def restore_all(self, step: TrainStep) -> None:
-        """Put every value back and remove optimizer state made since the snapshot, gradients too:
-        the step is as it was before."""
-        self._restore(step, keep_new_state=False)
-        for p, grad in self.grads:
-            p.grad = grad
-
-    def restore_rng(self) -> None:
-        set_rng_state(self.rng)
-
-    def _restore(self, step: TrainStep, keep_new_state: bool) -> None:
-        self.restore_rng()
-        for _, p, saved in self.named:
-            p.copy_(saved)
-        for t, saved in self.carried:
-            t.copy_(saved)
-        step.carried = True  # the state a step starts from is back
-        for p, state in list(step.optimizer.state.items()):
-            saved = self.optimizer_state.get(p, {})
-            for key, value in list(state.items()):
-                if key in saved and isinstance(value, torch.Tensor):
-                    value.copy_(saved[key])
-                elif key in saved:
-                    state[key] = saved[key]
-                elif keep_new_state and isinstance(value, torch.Tensor):
-                    value.zero_()
-                else:
-                    del state[key]
-            if not state:
-                del step.optimizer.state[p]
-
-
 class TrainStep:
     """One teacher-forced TBPTT step on static buffers, replayed as a CUDA graph when captured.
 
@@ -170,7 +110,7 @@ class TrainStep:
         # zeroed in place. Eagerly, freeing them is cheaper (backward then writes instead of adds).
         self.free_grads = graphs is None
         self.graphs, self.graph = graphs, None
-        self._before_capture: _Snapshot | None = None
+        self._before_capture: Snapshot | None = None
         if graphs is not None:
             self._capture(graphs)
 
@@ -201,7 +141,7 @@ class TrainStep:
         if not all(group.get("capturable", True) for group in self.optimizer.param_groups):
             raise ValueError("capturing the step needs an optimizer made with capturable=True "
                              "(its step count must live on the device)")
-        before = _Snapshot(self)
+        before = Snapshot(self)
         try:
             with graphs.side_stream():
                 for _ in range(WARMUP_STEPS):
@@ -230,7 +170,7 @@ class TrainStep:
         if changed:
             before.restore_keeping_new_state(self)  # so that an eager fallback starts from the right model
             return f"capture changed {len(changed)} parameter(s), first {changed[0]}"
-        trial = _Snapshot(self)
+        trial = Snapshot(self)
         lm = getattr(self.model, "module", self.model)
         with torch.no_grad(), autocast(self.device_type, self.amp_dtype):
             logits, _ = lm(inputs, (self.h, self.c))

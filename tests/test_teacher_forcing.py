@@ -24,16 +24,17 @@ def _run(argv, capsys):
 
 def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
     import fastlm.experiments.teacher_forcing
+    import fastlm.figures
 
     configs, real_train = [], fastlm.experiments.teacher_forcing.train
     monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train", lambda cfg: (configs.append(cfg), real_train(cfg))[1])
-    drawn, real_curves = [], fastlm.experiments.teacher_forcing.plots.curves
+    drawn, real_curves = [], fastlm.figures.curves
 
     def curves(path, panels, title):
         drawn.append(panels)
         return real_curves(path, panels, title)
 
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing.plots, "curves", curves)
+    monkeypatch.setattr(fastlm.figures, "curves", curves)
     out = tmp_path / "tf"
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "40",
                           "--seeds", "2", "--eval-interval", "4", "--pair", "w1/w2", "--eval-tokens", "60", *TINY],
@@ -200,11 +201,11 @@ def test_log_scale_axes_over_many_decades_label_the_powers_of_ten(tmp_path):
 TF, FR = "teacher-forced", "free-running"
 
 
-def _facts(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=None, updated=None, fed=100,
+def facts_of_runs(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=None, updated=None, fed=100,
            names=None):
     """The facts `_facts` draws from per-seed numbers: validation perplexities, validation-sample curves
     (evaluated every 5 of 50 steps), and distances of one pair, army/taxpayer, with its start."""
-    from fastlm.experiments.teacher_forcing import _facts as facts
+    from fastlm.experiments.teacher_forcing_facts import facts_of_runs as facts
 
     seeds = len(valid_tf)
     start = start or [0.6513] * seeds
@@ -221,23 +222,23 @@ def _facts(valid_tf, valid_fr, curves=None, given=None, start=None, tf=None, fr=
 
 
 def test_the_t_tests_match_hand_computed_values():
-    from fastlm.experiments.teacher_forcing import _t_test
+    from fastlm.experiments.teacher_forcing_facts import t_test
 
     # Welch: means 2 and 5, variances 1: t = −3 / √(2/3), 4 degrees of freedom (critical 2.776).
-    welch = _t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], paired=False)
+    welch = t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], paired=False)
     assert welch["t"] == pytest.approx(-3 / (2 / 3) ** 0.5) and welch["df"] == 4 and welch["lower"] == TF
     # Paired differences −1, −0.9, −1.2: t = mean / (sd / √3) with 2 degrees of freedom (critical 4.303).
-    paired = _t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=True)
+    paired = t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=True)
     diffs = [-1.0, -0.9, -1.2]
     mean = sum(diffs) / 3
     sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
     assert paired["t"] == pytest.approx(mean / (sd / 3 ** 0.5)) and paired["df"] == 2 and paired["lower"] == TF
     # The same numbers unpaired: far apart per seed pair, but within the seeds' spread.
-    assert _t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=False)["lower"] is None
+    assert t_test([1.0, 2.0, 3.0], [2.0, 2.9, 4.2], paired=False)["lower"] is None
     # Differences −1, −2, −3: t = −2 / (1 / √3) = −3.46, 2 degrees of freedom: inside the critical 4.303.
-    assert _t_test([0.0, 0.0, 0.0], [1.0, 2.0, 3.0], paired=True)["lower"] is None
-    assert _t_test([5.0], [6.0], paired=False) is None
-    assert _t_test([5.0, 5.0], [5.0, 5.0], paired=False)["lower"] is None
+    assert t_test([0.0, 0.0, 0.0], [1.0, 2.0, 3.0], paired=True)["lower"] is None
+    assert t_test([5.0], [6.0], paired=False) is None
+    assert t_test([5.0, 5.0], [5.0, 5.0], paired=False)["lower"] is None
 
 
 @pytest.mark.parametrize("valid_tf, valid_fr, says, never_says", [
@@ -262,9 +263,9 @@ def test_the_t_tests_match_hand_computed_values():
         "free-running-better"])
 def test_the_perplexity_conclusion_calls_a_difference_only_beyond_the_seeds_spread(valid_tf, valid_fr, says,
                                                                                     never_says):
-    from fastlm.experiments.teacher_forcing import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing_report import _perplexity_sentences
 
-    text = _perplexity_sentences(_facts(valid_tf, valid_fr))
+    text = _perplexity_sentences(facts_of_runs(valid_tf, valid_fr))
     assert says in text and never_says not in text, text
 
 
@@ -296,16 +297,16 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
       "worked towards"]),
 ], ids=["sooner", "not-separated", "not-every-seed", "a-worse-seed-never-improved"])
 def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
-    from fastlm.experiments.teacher_forcing import _target_sentences
+    from fastlm.experiments.teacher_forcing_report import _target_sentences
 
-    text = _target_sentences(_facts([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
+    text = _target_sentences(facts_of_runs([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
     assert all(part in text for part in says), text
 
 
 def test_one_seed_times_the_target_without_a_test():
-    from fastlm.experiments.teacher_forcing import _target_sentences
+    from fastlm.experiments.teacher_forcing_report import _target_sentences
 
-    text = _target_sentences(_facts([90.0], [120.0], curves={TF: [FAST], FR: [SLOW]}))
+    text = _target_sentences(facts_of_runs([90.0], [120.0], curves={TF: [FAST], FR: [SLOW]}))
     assert text == ("The free-running model had reached a validation-sample perplexity of 120.00 by its last "
                     "evaluation (step 50); that level was first reached at step 15 by the teacher-forced model and 50 "
                     "by the free-running one (validation every 5 steps on the first 20000 validation tokens, so each "
@@ -313,10 +314,10 @@ def test_one_seed_times_the_target_without_a_test():
 
 
 def test_curves_evaluated_at_different_steps_are_refused():
-    from fastlm.experiments.teacher_forcing import TrainingError
+    from fastlm.errors import TrainingError
 
     with pytest.raises(TrainingError, match="not evaluated at the same steps"):
-        _facts([90.0, 91.0], [120.0, 121.0], curves={TF: [FAST, FAST[:-1]], FR: [SLOW, SLOW]})
+        facts_of_runs([90.0, 91.0], [120.0, 121.0], curves={TF: [FAST, FAST[:-1]], FR: [SLOW, SLOW]})
 
 
 @pytest.mark.parametrize("valid_tf, valid_fr, says", [
@@ -326,9 +327,9 @@ def test_curves_evaluated_at_different_steps_are_refused():
     ([100.0, 100.0, 100.0], [100.0 + 1e-9, 100.0 + 1e-9, 100.0 + 1e-9], "equal to the precision printed"),
 ], ids=["one-diverged", "two-diverged", "apart-by-rounding"])
 def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_fr, says):
-    from fastlm.experiments.teacher_forcing import _conclusion
+    from fastlm.experiments.teacher_forcing_report import conclusion_of
 
-    text = _conclusion(_facts(valid_tf, valid_fr))
+    text = conclusion_of(facts_of_runs(valid_tf, valid_fr))
     assert says in text and "better" not in text and "sooner" not in text, text
 
 
@@ -358,16 +359,16 @@ def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_f
      ["Neither way of training moved this pair: there is nothing to compare"], "closer"),
 ], ids=["untouched-one-seed", "paired-changes", "untouched-against-moved", "within-the-spread-and-rare", "unmoved"])
 def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says, never_says):
-    from fastlm.experiments.teacher_forcing import _distance_sentences
+    from fastlm.experiments.teacher_forcing_report import _distance_sentences
 
     seeds = kwargs.pop("valid")
-    text = _distance_sentences(_facts([100.0] * seeds, [101.0] * seeds, **kwargs), "army/taxpayer")
+    text = _distance_sentences(facts_of_runs([100.0] * seeds, [101.0] * seeds, **kwargs), "army/taxpayer")
     assert all(part in text for part in says) and never_says not in text, text
 
 
 def test_a_mixed_second_arm_is_named_by_its_probability():
-    from fastlm.experiments.teacher_forcing import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing_report import _perplexity_sentences
 
     names = {TF: TF, FR: "P=0.5 (linear)"}
-    text = _perplexity_sentences(_facts([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))
+    text = _perplexity_sentences(facts_of_runs([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))
     assert "111.00 (110.00–112.00) for the P=0.5 (linear) ones" in text and "likely reason" not in text, text

@@ -1,0 +1,25 @@
+"""What the experiments share: a fresh report folder, the corpus a config names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastlm.config import DEFAULT_DATA, TrainConfig
+from fastlm.data import Corpus, ensure_ptb
+from fastlm.errors import TrainingError
+
+MB = 2**20
+
+
+def fresh_folder(out_dir: Path) -> Path:
+    """`out_dir`, created, refused when it already holds something (a report is never overwritten)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TrainingError(f"{out_dir} is not empty: pass a new --out folder for this report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus:
+    """The corpus of `cfg.data` (PTB fetched into data/ptb when that is the folder) at its vocabulary size."""
+    if Path(cfg.data) == Path(DEFAULT_DATA):
+        ensure_ptb(cfg.data)
+    return Corpus(cfg.data, max_vocab=cfg.vocab_size)
