@@ -7,8 +7,8 @@ shapes and real PTB windows (random tokens if PTB is absent).
 
 runs the loop in a process of its own, one step per "step" line read from stdin, answering each
 with the step's seconds. The CPU benchmark steps it between fastlm's rounds: that process keeps
-glibc's allocator as it comes, which fastlm's process changes for good (`retain_freed_memory` in `fastlm/device.py`), and
-since the two take turns they never compete for the cores.
+glibc's allocator as it comes, which fastlm's process changes for good (`retain_freed_memory` in
+`fastlm/device.py`), and since the two take turns they never compete for the cores.
 """
 from __future__ import annotations
 

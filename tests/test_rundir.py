@@ -96,8 +96,8 @@ def test_a_folder_with_only_the_records_of_a_run_says_how_to_start_over(corpus_d
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(corpus_dir, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastlm.training.rundir import RunFolder; "
-                               f"folder = RunFolder({str(run)!r}); folder.open(fresh=True); print('locked', flush=True); "
-                               "time.sleep(600)"],
+                               f"folder = RunFolder({str(run)!r}); folder.open(fresh=True); "
+                               "print('locked', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -27,7 +27,8 @@ def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
     import fastlm.figures
 
     configs, real_train = [], fastlm.experiments.teacher_forcing.train
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train", lambda cfg: (configs.append(cfg), real_train(cfg))[1])
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
+                        lambda cfg: (configs.append(cfg), real_train(cfg))[1])
     drawn, real_curves = [], fastlm.figures.curves
 
     def curves(path, panels, title):
@@ -141,7 +142,8 @@ def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_p
                                                                 message):
     import fastlm.experiments.teacher_forcing
 
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train", lambda cfg: pytest.fail("trained before checking the flags"))
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
+                        lambda cfg: pytest.fail("trained before checking the flags"))
     with pytest.raises(SystemExit) as exit_info:
         run_main(compare_main, ["teacher-forcing", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
                                 "--device", "cpu", *extra])

@@ -82,7 +82,7 @@ class LSTM(nn.LSTM):
     Args:
         input_size (E), hidden_size (H), num_layers (L): as in `nn.LSTM` (always with biases).
         batch_first: x is (B, T, E) if True (the default here), else (T, B, E).
-        backend: one of ``auto``, ``torch``, ``reference``, ``triton``.
+        backend: one of ``auto``, ``torch``, ``reference``, ``triton`` (trusted: `check_backend` checks a name).
         dropout: on the output of each layer but the last, in training (`locked`: one mask per row
             for the whole window).
         weight_drop: DropConnect on W_hh (AWD-LSTM): in training each forward call, that is each
@@ -140,7 +140,7 @@ class LSTM(nn.LSTM):
     def _forward_layers(self, x: Tensor, state: tuple[Tensor, Tensor], backend: str):
         from fastlm.kernels import naive_lstm
 
-        layer_fn = {"triton": _fused_layer, "torch": _torch_layer}.get(backend, lambda: naive_lstm)()
+        layer_fn = {"triton": _fused_layer, "torch": _torch_layer, "reference": lambda: naive_lstm}[backend]()
         h0, c0 = state
         layer_input = x if self.batch_first else x.transpose(0, 1)
         final_h, final_c = [], []
