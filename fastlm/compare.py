@@ -12,10 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
-from fastlm.config import TrainConfig, add_flag, check_config
+from fastlm.config import SCHEDULES, TrainConfig, add_flag, check_config
 from fastlm.experiments.detach import compare_detach
 from fastlm.experiments.teacher_forcing import compare_teacher_forcing
-from fastlm.training.scheduled_sampling import SCHEDULES
 
 MODEL_FLAGS = ("data", "vocab_size", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr",
                "clip", "backend", "device", "seed", "eval_batch_size")

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from fastlm.device import AMP_DTYPES
+from fastlm.data import PTB_FOLDER
+from fastlm.device import AMP_DTYPES, cuda_graphs_available
 from fastlm.errors import TrainingError
 from fastlm.models.lstm import BACKENDS, check_backend
-from fastlm.training.graphs import graph_api
-from fastlm.training.scheduled_sampling import FREE_RUNNING_TOKENS, SCHEDULES
 
-DEFAULT_DATA = "data/ptb"
+SCHEDULES = ("constant", "linear", "exponential", "inverse-sigmoid")  # formulas: training/scheduled_sampling.py
+FREE_RUNNING_TOKENS = ("argmax", "sample")
 
 
 def _flag(default, help: str, resumable: bool = False, type=None):
@@ -30,7 +30,7 @@ def _flag(default, help: str, resumable: bool = False, type=None):
 
 @dataclass
 class TrainConfig:
-    data: str = _flag(DEFAULT_DATA, "folder with train.txt, valid.txt, test.txt (PTB is downloaded into "
+    data: str = _flag(PTB_FOLDER, "folder with train.txt, valid.txt, test.txt (PTB is downloaded into "
                       "data/ptb if missing)", resumable=True)
     embed_size: int = _flag(128, "word embedding size")
     hidden_size: int = _flag(1024, "LSTM hidden size")
@@ -193,9 +193,13 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
         if value is not None and value < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     check_backend(cfg.backend)
-    if device is not None and cfg.cuda_graphs and graph_api(device) is None:
+    if device is not None and cfg.cuda_graphs and not cuda_graphs_available(device):
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
     if world is not None and world.enabled:
+        for flag, rows in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size)):
+            if rows % world.size:  # each rank takes an equal block of the rows
+                raise TrainingError(f"{flag} {rows} is not divisible by the world size {world.size}: use a multiple "
+                                    f"of {world.size}")
         if cfg.out is None:
             raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
         if scheduled_sampling(cfg):

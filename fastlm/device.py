@@ -3,6 +3,7 @@ much memory is free, the random generators' state, and a CPU allocator setting."
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from fastlm.errors import TrainingError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated
 
 
 def pick_device(name: str) -> torch.device:
@@ -35,6 +37,12 @@ def use_device(device: torch.device) -> None:
     current device, whatever device the tensors are on."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def cuda_graphs_available(device: torch.device) -> bool:
+    """CUDA graphs on a CUDA device; on the CPU only under the test switch, which simulates them
+    (`fastlm.training.graphs.graph_api` picks the mechanism)."""
+    return device.type == "cuda" or os.environ.get(SIMULATE_ENV, "0") not in ("", "0")
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from fastlm.checkpoint import load_checkpoint
-from fastlm.config import TrainConfig
+from fastlm.config import TrainConfig, check_config
+from fastlm.errors import TrainingError
 from fastlm.training.distributed import World, leave
 from fastlm.training.trainer import train
 
@@ -38,10 +39,12 @@ def records(run, split):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def test_rows_are_split_evenly_or_refused():
+@pytest.mark.parametrize("flag, rows", [("batch_size", 5), ("eval_batch_size", 3)])
+def test_rows_are_split_evenly_or_refused(flag, rows):
     assert World(1, 2).rows(8) == slice(4, 8)
-    with pytest.raises(ValueError, match="--batch-size 5 is not divisible by the world size 2"):
-        World(0, 2).rows(5)
+    option = f"--{flag.replace('_', '-')}"
+    with pytest.raises(TrainingError, match=f"{option} {rows} is not divisible by the world size 2"):
+        check_config(TrainConfig(out="run", **{flag: rows}), World(0, 2))
 
 
 def test_leaving_frees_ddp_before_its_process_group(monkeypatch):

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, assert_rel_close, train_step
 from torch import nn
 
+from fastlm.config import SCHEDULES
 from fastlm.models.lm import RNNLM
-from fastlm.training.scheduled_sampling import SCHEDULES, free_running_step, teacher_forcing_probability
+from fastlm.training.scheduled_sampling import PROBABILITY, free_running_step, teacher_forcing_probability
 
 V, E, H, B, T = 11, 6, 8, 3, 5
 
@@ -22,7 +23,7 @@ def test_schedules(schedule, at_half, at_end):
     assert p(0.5) == pytest.approx(at_half) and p(1.0) == pytest.approx(at_end)
     values = [p(s / 20) for s in range(21)]
     assert all(a >= b for a, b in zip(values, values[1:]))
-    assert set(SCHEDULES) == {"constant", "linear", "exponential", "inverse-sigmoid"}
+    assert tuple(PROBABILITY) == SCHEDULES == ("constant", "linear", "exponential", "inverse-sigmoid")
 
 
 def _setup(backend="reference", dtype=torch.float64):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastlm.config import DEFAULT_DATA, TrainConfig
-from fastlm.data import Corpus, ensure_ptb
+from fastlm.config import TrainConfig
+from fastlm.data import Corpus, load_corpus
 from fastlm.errors import TrainingError
 
 MB = 2**20
@@ -18,8 +18,6 @@ def fresh_folder(out_dir: Path) -> Path:
     return out_dir
 
 
-def load_corpus(cfg: TrainConfig) -> Corpus:
+def corpus_of(cfg: TrainConfig) -> Corpus:
     """The corpus of `cfg.data` (PTB fetched into data/ptb when that is the folder) at its vocabulary size."""
-    if Path(cfg.data) == Path(DEFAULT_DATA):
-        ensure_ptb(cfg.data)
-    return Corpus(cfg.data, max_vocab=cfg.vocab_size)
+    return load_corpus(cfg.data, max_vocab=cfg.vocab_size)

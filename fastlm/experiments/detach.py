@@ -23,7 +23,7 @@ from fastlm.experiments.autograd_memory import (
     run_chunks,
     user_loops_without_detach,
 )
-from fastlm.experiments.common import MB, fresh_folder, load_corpus
+from fastlm.experiments.common import MB, corpus_of, fresh_folder
 from fastlm.models.lm import RNNLM
 from fastlm.models.lstm import resolve_backend
 
@@ -70,7 +70,7 @@ def compare_detach(base: TrainConfig, chunks: int, out_dir: Path, repeats: int =
 
 def _first_windows(base: TrainConfig, chunks: int, device) -> tuple[int, list]:
     """The vocabulary size and the training set's first `chunks` TBPTT windows."""
-    corpus = load_corpus(base)
+    corpus = corpus_of(base)
     rows = batchify(corpus.train, base.batch_size).to(device)
     windows = list(tbptt_windows(rows, base.seq_len))[:chunks]
     if len(windows) < chunks:

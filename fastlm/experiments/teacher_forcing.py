@@ -21,7 +21,7 @@ from fastlm.config import TrainConfig
 from fastlm.data import EOS, Corpus, batchify, num_windows
 from fastlm.device import pick_device
 from fastlm.errors import TrainingError
-from fastlm.experiments.common import fresh_folder, load_corpus
+from fastlm.experiments.common import corpus_of, fresh_folder
 from fastlm.experiments.teacher_forcing_facts import ARMS, FR, TF, facts_of_runs
 from fastlm.experiments.teacher_forcing_report import conclusion_of, plot_curves, write_markdown
 from fastlm.generation.embedding import cosine_distance, word_vectors
@@ -62,7 +62,7 @@ def compare_teacher_forcing(base: TrainConfig, steps: int, out_dir: Path, free_r
     if eval_interval > steps:
         raise TrainingError(f"--eval-interval {eval_interval} leaves no evaluation within --steps {steps}: lower it")
     out_dir = fresh_folder(out_dir)
-    corpus = load_corpus(base)
+    corpus = corpus_of(base)
     unknown = [word for pair in pairs for word in pair if word not in corpus.dictionary]
     if unknown:
         raise TrainingError(f"--pair: {', '.join(repr(w) for w in unknown)} not in the vocabulary of {base.data}: "

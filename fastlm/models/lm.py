@@ -96,11 +96,10 @@ def parameter_count(cfg, vocab_size: int) -> int:
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
                ) -> tuple[RNNLM, Dictionary, dict]:
     """The model and vocabulary of a checkpoint (a run folder or a .pt file), ready for inference."""
-    if backend is not None:
-        check_backend(backend)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_finite_weights(ckpt, checkpoint)
     cfg = ckpt["config"]
+    check_backend(backend or cfg.get("backend", "auto"))  # a saved `triton` needs Triton on this machine too
     dictionary = Dictionary(ckpt["vocab"])
     model = RNNLM.from_config(cfg, len(dictionary), backend).to(device)
     load_weights(model, ckpt["model"], checkpoint)

@@ -16,8 +16,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastlm.errors import UsageError
-
 
 @dataclass(frozen=True)
 class World:
@@ -33,11 +31,8 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def rows(self, batch_size: int, what: str = "--batch-size") -> slice:
-        """This rank's block of the batch's rows."""
-        if batch_size % self.size:
-            raise UsageError(f"{what} {batch_size} is not divisible by the world size {self.size}: "
-                             f"use a multiple of {self.size}")
+    def rows(self, batch_size: int) -> slice:
+        """This rank's block of the batch's rows (`check_config` ensures the size divides them)."""
         per_rank = batch_size // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 

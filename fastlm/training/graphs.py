@@ -15,17 +15,14 @@ warm-up, and `capture(fn, buffers)`, which returns something with `replay()`. Tw
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Protocol
 
 import torch
 
-from fastlm.training.simulated_graphs import SimulatedGraphs
+from fastlm.device import SIMULATE_ENV, cuda_graphs_available  # noqa: F401 (SIMULATE_ENV: the tests' switch)
+from fastlm.training.simulated_graphs import Buffers, SimulatedGraphs
 
 WARMUP_STEPS = 3  # eager iterations on a side stream before capture, as torch.cuda.graphs documents
-SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated
-
-Buffers = Callable[[], dict[str, torch.Tensor]]  # name → every tensor a replay reads or writes
 
 
 class Graph(Protocol):
@@ -73,6 +70,4 @@ def graph_api(device: torch.device) -> GraphAPI | None:
     (the test switch that runs the trainer's GPU path on the CPU), else None: no graphs here."""
     if device.type == "cuda":
         return CudaGraphs(device)
-    if os.environ.get(SIMULATE_ENV, "0") not in ("", "0"):
-        return SimulatedGraphs()
-    return None
+    return SimulatedGraphs() if cuda_graphs_available(device) else None

@@ -235,9 +235,9 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
             device = torch.device("cuda", world.local_rank)
         check_config(cfg, world, device)
         use_device(device)
-        folder = RunFolder(Path(cfg.out) if cfg.out else new_run_dir())
-        in_place = source is not None and folder.path.resolve() == source.parent.resolve()
-        folder.saved_step = ckpt["global_step"] if in_place else None
+        path = Path(cfg.out) if cfg.out else new_run_dir()
+        in_place = source is not None and path.resolve() == source.parent.resolve()
+        folder = RunFolder(path, saved_step=ckpt["global_step"] if in_place else None)
         if in_place and source.name != CHECKPOINT:
             _refuse_rolling_back(folder.path, source, ckpt)
         problem, existed = None, folder.path.exists()

@@ -21,24 +21,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm.errors import UsageError
 from fastlm.training.optimizer import update
 
-SCHEDULES = ("constant", "linear", "exponential", "inverse-sigmoid")
-FREE_RUNNING_TOKENS = ("argmax", "sample")
+# P after a fraction s of the planned steps, for each --teacher-forcing-schedule (config.SCHEDULES).
+PROBABILITY = {
+    "constant": lambda start, s: start,
+    "linear": lambda start, s: start * (1.0 - s),
+    "exponential": lambda start, s: start * 0.01**s,
+    "inverse-sigmoid": lambda start, s: start / (1.0 + math.exp(10.0 * (s - 0.5))),
+}
 
 
 def teacher_forcing_probability(start: float, schedule: str, progress: float) -> float:
-    s = min(max(progress, 0.0), 1.0)
-    if schedule == "constant":
-        return start
-    if schedule == "linear":
-        return start * (1.0 - s)
-    if schedule == "exponential":
-        return start * 0.01**s
-    if schedule == "inverse-sigmoid":
-        return start / (1.0 + math.exp(10.0 * (s - 0.5)))
-    raise UsageError(f"unknown teacher-forcing schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
+    """P at `progress` (the fraction of planned steps done) for a schedule `check_config` accepted."""
+    return PROBABILITY[schedule](start, min(max(progress, 0.0), 1.0))
 
 
 def free_running_step(model, optimizer, inputs, targets, state, clip: float, teacher_forcing: float,

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-Buffers = Callable[[], dict[str, torch.Tensor]]  # as in fastlm.training.graphs
+Buffers = Callable[[], dict[str, torch.Tensor]]  # name → every tensor a replay reads or writes
 
 
 def _addresses(buffers: dict[str, torch.Tensor]) -> dict[str, tuple]:

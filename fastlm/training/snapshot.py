@@ -57,7 +57,7 @@ class Snapshot:
             p.copy_(saved)
         for t, saved in self.carried:
             t.copy_(saved)
-        step.carried = True  # the state a step starts from is back
+        step.awaiting_detach = False  # the state a step starts from is back
         for p, state in list(step.optimizer.state.items()):
             saved = self.optimizer_state.get(p, {})
             for key, value in list(state.items()):

@@ -104,7 +104,7 @@ class TrainStep:
         self.targets = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.h, self.c = lm.init_state(batch_size, device)  # the static state each window starts from
         self.new_h, self.new_c = self.h, self.c  # the state a step ends with, until the detach carries it over
-        self.carried = True  # False from a step until `detach_state` (or `reset_state`) settles the next start
+        self.awaiting_detach = False  # from a step until `detach_state` (or `reset_state`) settles the next start
         self.loss_sum = torch.zeros((), device=device)
         # A graph reads and writes the gradients it was captured with, so they must stay allocated:
         # zeroed in place. Eagerly, freeing them is cheaper (backward then writes instead of adds).
@@ -197,7 +197,7 @@ class TrainStep:
 
     def reset_state(self, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Zero the carried state (epoch start), or load one (resume)."""
-        self.carried = True
+        self.awaiting_detach = False
         if state is None:
             self.h.zero_()
             self.c.zero_()
@@ -207,10 +207,10 @@ class TrainStep:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Forward, loss, backward, clip and update on one window; then call `detach_state`."""
-        if not self.carried:
+        if self.awaiting_detach:
             raise RuntimeError("TrainStep.step: call detach_state() after each step (TBPTT carries the state into "
                                "the next window), or reset_state() to start afresh")
-        self.carried = False
+        self.awaiting_detach = True
         self.inputs.copy_(inputs, non_blocking=True)
         self.targets.copy_(targets, non_blocking=True)
         if self.graph is not None:
@@ -227,13 +227,13 @@ class TrainStep:
         autograd graph behind them, so its gradients stop at the window edge."""
         self.h.copy_(self.new_h)
         self.c.copy_(self.new_c)
-        self.carried = True
+        self.awaiting_detach = False
 
     def record(self, loss: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Account for a step taken outside (scheduled sampling): its loss and the state it ended with."""
         self.loss_sum += loss.detach()
         self.new_h, self.new_c = (s.detach() for s in state)
-        self.carried = False
+        self.awaiting_detach = True
 
     @property
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +262,9 @@ def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World
     return None
 
 
-def build_train_step(model: RNNLM, cfg: TrainConfig, device: torch.device, world: distributed.World,
-                     amp_dtype: torch.dtype | None, scaler, batch_size: int, first_window, state,
+def build_train_step(model: RNNLM, cfg: TrainConfig, *, device: torch.device, world: distributed.World,
+                     amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
+                     first_window: tuple[torch.Tensor, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor] | None,
                      optimizer_state: dict | None, say: Callable[[str], None]
                      ) -> tuple[TrainStep, torch.optim.Optimizer, str]:
     """The run's training step, its optimizer (from `optimizer_state` when given) and LSTM backend.
@@ -273,7 +274,7 @@ def build_train_step(model: RNNLM, cfg: TrainConfig, device: torch.device, world
     falls back to eager steps, with an optimizer that is not capturable and, for --backend auto, the
     backend auto picks for eager steps. Under torchrun the model is wrapped in DistributedDataParallel.
     """
-    graphs = _graphs_for(cfg, device, world, scaler, say)
+    graphs, batch_size = _graphs_for(cfg, device, world, scaler, say), first_window[0].shape[0]
     model.lstm.backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=graphs is not None)
     net = model
     if world.enabled:

@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from fastlm.checkpoint import BEST, CHECKPOINT, load_checkpoint, run_checkpoint
-from fastlm.config import DEFAULT_DATA, TrainConfig
-from fastlm.data import PTB_URL, Corpus, Dictionary, batchify, batchify_for_eval, ensure_ptb, num_windows, tbptt_windows
+from fastlm.config import TrainConfig
+from fastlm.data import Dictionary, batchify, batchify_for_eval, load_corpus, num_windows, tbptt_windows
 from fastlm.device import prepare, set_rng_state
 from fastlm.errors import DivergedError
 from fastlm.models.lm import RNNLM, load_weights, parameter_count
@@ -72,22 +72,20 @@ class Run:
 
     def _load_data(self, ckpt: dict | None) -> None:
         cfg, world = self.cfg, self.world
-        if Path(cfg.data) == Path(DEFAULT_DATA):
-            ensure_ptb(cfg.data, PTB_URL)
-        self.corpus = Corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None, cfg.vocab_size)
+        self.corpus = load_corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None, cfg.vocab_size)
         # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
-        self.rows = world.rows(cfg.batch_size)
-        eval_rows = world.rows(cfg.eval_batch_size, "--eval-batch-size")
+        self.rows, eval_rows = world.rows(cfg.batch_size), world.rows(cfg.eval_batch_size)
         self.train_data = batchify(self.corpus.train, cfg.batch_size)[self.rows].to(self.device)
         self.valid_data = batchify_for_eval(self.corpus.valid, cfg.eval_batch_size, "valid")[eval_rows].to(self.device)
         self.test_data = batchify_for_eval(self.corpus.test, cfg.eval_batch_size, "test")[eval_rows].to(self.device)
         tbptt_windows(self.train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
         self.steps_per_epoch = num_windows(self.train_data, cfg.seq_len)
         self.planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * self.steps_per_epoch)  # the schedule's
-        self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps if cfg.max_steps is not None else
-                               math.inf)  # of this run, in all, with --max-steps
-        interim_columns = max(2, cfg.eval_tokens // cfg.eval_batch_size) if cfg.eval_tokens else None
-        self.interim_valid = self.valid_data[:, :interim_columns]
+        in_epochs = cfg.epochs * self.steps_per_epoch
+        self.total_steps = in_epochs if cfg.max_steps is None else min(in_epochs, cfg.max_steps)  # across resumes
+        self.interim_valid = self.valid_data  # validation between epochs: --eval-tokens of it
+        if cfg.eval_tokens:
+            self.interim_valid = self.valid_data[:, : max(2, cfg.eval_tokens // cfg.eval_batch_size)]
 
     def _build(self, ckpt: dict | None) -> None:
         """The model (from the seed, or the checkpoint's weights and position), then the step."""
@@ -102,13 +100,10 @@ class Run:
             self.say(f"Resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch} "
                      f"(step {self.global_step} in all)")
         self.build_step(ckpt["optimizer"] if ckpt else None, self.carried if self.step > 0 else None)
-        local_batch = self.train_data.shape[0]
-        self.say(
-            f"fastlm: {vocab_size} words, {self.steps_per_epoch} steps/epoch, device {device}, "
-            f"{f'{self.world.size} ranks of {local_batch} rows, ' if self.world.enabled else ''}"
-            f"LSTM backend {self.model.lstm.backend}, {'CUDA graphs' if self.stepper.graph else 'eager steps'}, "
-            f"run folder {self.run_dir}"
-        )
+        ranks = f"{self.world.size} ranks of {self.train_data.shape[0]} rows, " if self.world.enabled else ""
+        steps = "CUDA graphs" if self.stepper.graph is not None else "eager steps"
+        self.say(f"fastlm: {vocab_size} words, {self.steps_per_epoch} steps/epoch, device {device}, {ranks}"
+                 f"LSTM backend {self.model.lstm.backend}, {steps}, run folder {self.run_dir}")
         self.eval_forward = build_eval_forward(self.model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype,
                                                self.stepper.graphs, self.say)
 
@@ -116,8 +111,8 @@ class Run:
         """The training step (captured and checked when the run has graphs) and its optimizer."""
         window = next(iter(tbptt_windows(self.train_data, self.cfg.seq_len, start=self.step)))
         self.stepper, self.optimizer, _ = build_train_step(
-            self.model, self.cfg, self.device, self.world, self.amp_dtype, self.scaler, self.train_data.shape[0],
-            window, state, optimizer_state, self.say)
+            self.model, self.cfg, device=self.device, world=self.world, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            first_window=window, state=state, optimizer_state=optimizer_state, say=self.say)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -191,9 +186,10 @@ class Run:
         self.pace.step_taken()
 
     def log_train(self, stop: StopFlag) -> None:
-        steps, seconds_per_step, tokens_per_s = self.pace.lap()
         distributed.sum_(self.stepper.loss_sum)  # each rank's mean over its rows: average them
-        mean_loss = self.stepper.take_loss_sum() / steps / self.world.size  # the loop's one sync
+        loss_sum = self.stepper.take_loss_sum()  # the loop's one sync: the steps are done before the clock reads
+        steps, seconds_per_step, tokens_per_s = self.pace.lap()
+        mean_loss = loss_sum / steps / self.world.size
         stop.agree(self.world)
         if not math.isfinite(mean_loss):
             raise DivergedError(f"the training loss became {mean_loss} by step {self.global_step}; stopped without "
