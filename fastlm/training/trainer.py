@@ -139,13 +139,7 @@ class Run:
                         self.validate_interim()
                 self.pace.end_epoch()
                 if self.step < self.steps_per_epoch:  # stopped early: --max-steps, Ctrl-C or SIGTERM
-                    self.refuse_to_save_divergence(self.stepper.loss_sum)
-                    self.save(self.state_dict(self.stepper.state), CHECKPOINT)
-                    self.result.interrupted = stop.requested
-                    if stop.requested:
-                        self.say(f"Stopped at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; saved "
-                                 f"{self.run_dir / CHECKPOINT}. Continue with: python -m fastlm.train --resume "
-                                 f"{self.run_dir}")
+                    self.save_where_stopped(stop)
                     break
                 self.end_epoch()
         self.result.global_step, self.result.train_seconds = self.global_step, self.pace.training_seconds()
@@ -163,6 +157,15 @@ class Run:
             return (f"Nothing to train: the run is at step {self.global_step} and --max-steps is {self.cfg.max_steps}; "
                     "raise --max-steps (it counts across resumes) to train more")
         return None
+
+    def save_where_stopped(self, stop: StopFlag) -> None:
+        """Mid-epoch: checkpoint.pt with the carried state, so that --resume goes on exactly here."""
+        self.refuse_to_save_divergence(self.stepper.loss_sum)
+        self.save(self.state_dict(self.stepper.state), CHECKPOINT)
+        self.result.interrupted = stop.requested
+        if stop.requested:
+            self.say(f"Stopped at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; saved "
+                     f"{self.run_dir / CHECKPOINT}. Continue with: python -m fastlm.train --resume {self.run_dir}")
 
     def start_epoch(self) -> None:
         self.stepper.reset_state(self.carried if self.step > 0 else None)  # zeros, or the resumed state
