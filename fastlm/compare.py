@@ -13,11 +13,23 @@ from pathlib import Path
 
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import SCHEDULES, TrainConfig, add_flag, check_config
+from fastlm.device import MAX_SEED, pick_device
 from fastlm.experiments.detach import compare_detach
 from fastlm.experiments.teacher_forcing import compare_teacher_forcing
 
 MODEL_FLAGS = ("data", "vocab_size", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr",
                "clip", "backend", "device", "seed", "eval_batch_size")
+
+
+def check_teacher_forcing_flags(p: ArgumentParser, base: TrainConfig, args: argparse.Namespace) -> None:
+    """Compare's own flags, before any training: the second arm's setting under compare's flag names,
+    and every seed, not only the first."""
+    check_config(replace(base, teacher_forcing=args.free_running, teacher_forcing_schedule=args.schedule),
+                 flags={"teacher_forcing": "--free-running", "teacher_forcing_schedule": "--schedule"})
+    last = args.seed + args.seeds - 1
+    if args.seeds >= 1 and last > MAX_SEED:  # else the first seed's models train, then the next seed fails
+        p.error(f"--seeds {args.seeds} from --seed {args.seed} reach seed {last}, above 2**63 - 1: use a --seed of "
+                f"at most {MAX_SEED - args.seeds + 1}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     base = TrainConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
-    check_config(base)
+    check_config(base, device=pick_device(base.device))  # the device too: a report folder is made next
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/compare-{args.experiment}-{stamp}")
     if args.experiment == "teacher-forcing":
-        check_config(replace(base, teacher_forcing=args.free_running, teacher_forcing_schedule=args.schedule))
+        check_teacher_forcing_flags(p, base, args)
         pairs = [tuple(pair.split("/")) for pair in (args.pair or ["army/taxpayer"])]
         bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
         if bad is not None:

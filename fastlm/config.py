@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from fastlm.data import PTB_FOLDER
-from fastlm.device import AMP_DTYPES, cuda_graphs_available
+from fastlm.device import AMP_DTYPES, check_seed, cuda_graphs_available
 from fastlm.errors import TrainingError
 from fastlm.models.lstm import BACKENDS, check_backend
 
@@ -147,10 +147,13 @@ def resume_config(saved: dict, overrides: dict) -> TrainConfig:
     return replace(cfg, **overrides)
 
 
-def check_config(cfg: TrainConfig, world=None, device: torch.device | None = None) -> None:
+def check_config(cfg: TrainConfig, world=None, device: torch.device | None = None,
+                 flags: dict[str, str] | None = None) -> None:
     """Every rule on the flags and their combinations, checked before any work: a TrainingError
     naming the flag and the fix. Rules that depend on torchrun's `world` (a `distributed.World`) or
-    on the chosen `device` are checked when those are given (the trainer gives both)."""
+    on the chosen `device` are checked when those are given (the trainer gives both). `flags` names
+    fields that a command sets under flags of its own (compare's --free-running)."""
+    flag = lambda name: (flags or {}).get(name, f"--{name.replace('_', '-')}")  # noqa: E731
     positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "log_interval", "eval_batch_size")
     for name in positive:
         value = getattr(cfg, name)
@@ -160,12 +163,11 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
         raise TrainingError("--epochs and --max-steps cannot be negative")
     if not (0 < cfg.lr < math.inf and 0 < cfg.clip < math.inf):
         raise TrainingError(f"--lr and --clip must be positive and finite, got lr={cfg.lr}, clip={cfg.clip}")
-    if not 0 <= cfg.seed < 2**63:
-        raise TrainingError(f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
+    check_seed(cfg.seed)
     if not 0 <= cfg.teacher_forcing <= 1:
-        raise TrainingError(f"--teacher-forcing is a probability in [0, 1], got {cfg.teacher_forcing}")
+        raise TrainingError(f"{flag('teacher_forcing')} is a probability in [0, 1], got {cfg.teacher_forcing}")
     if cfg.teacher_forcing_schedule not in SCHEDULES:
-        raise TrainingError(f"unknown --teacher-forcing-schedule {cfg.teacher_forcing_schedule!r}: "
+        raise TrainingError(f"unknown {flag('teacher_forcing_schedule')} {cfg.teacher_forcing_schedule!r}: "
                             f"choose {', '.join(SCHEDULES)}")
     if cfg.free_running_token not in FREE_RUNNING_TOKENS:
         raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
@@ -192,7 +194,7 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    check_backend(cfg.backend)
+    check_backend(cfg.backend, device)
     if device is not None and cfg.cuda_graphs and not cuda_graphs_available(device):
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
     if world is not None and world.enabled:

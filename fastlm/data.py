@@ -94,8 +94,17 @@ class Corpus:
             raise DataError(f"{self.folder} lacks {', '.join(missing)}: put train.txt, valid.txt and test.txt there")
         words = {split: read_words(self.folder / f"{split}.txt") for split in SPLITS}
         self.dictionary = dictionary or self._vocabulary(words, max_vocab)
+        self.out_of_vocabulary = {}  # split → how many of its words the vocabulary lacks (read as <unk>)
         for split in SPLITS:
-            setattr(self, split, self._ids(words[split], self.folder / f"{split}.txt"))
+            ids = self._ids(words[split], self.folder / f"{split}.txt")
+            setattr(self, split, ids)
+            unk = self.dictionary.word2idx.get(UNK)
+            self.out_of_vocabulary[split] = 0 if unk is None else int((ids == unk).sum()) - words[split].count(UNK)
+
+    def fingerprint(self) -> dict:
+        """What identifies the training text as read (its word ids): a resume must train on the same."""
+        return {"train_words": self.train.numel(),
+                "train_sha256": hashlib.sha256(self.train.numpy().tobytes()).hexdigest()}
 
     @staticmethod
     def _vocabulary(words: dict[str, list[str]], max_vocab: int | None) -> Dictionary:
@@ -155,8 +164,14 @@ def batchify_for_eval(ids: Tensor, batch_size: int, split: str, flag: str = "--e
 
 
 def num_windows(data: Tensor, seq_len: int) -> int:
-    """How many training windows `tbptt_windows` yields."""
-    return len(range(0, data.shape[1] - seq_len, seq_len))
+    """How many training windows `tbptt_windows` yields; a `seq_len` that leaves none is refused."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+    count = len(range(0, data.shape[1] - seq_len, seq_len))
+    if count == 0:
+        raise DataError(f"seq_len {seq_len} is too long for rows of {data.shape[1]} tokens: "
+                        "use a smaller --seq-len or --batch-size, or more data")
+    return count
 
 
 def tbptt_windows(data: Tensor, seq_len: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -166,13 +181,7 @@ def tbptt_windows(data: Tensor, seq_len: int, start: int = 0) -> Iterator[tuple[
     classic `for i in range(0, n - seq_len, seq_len)`; `start` skips the first windows (resume).
     A `seq_len` that leaves no window is rejected here, before any iteration.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if num_windows(data, seq_len) == 0:
-        raise DataError(
-            f"seq_len {seq_len} is too long for rows of {data.shape[1]} tokens: "
-            "use a smaller --seq-len or --batch-size, or more data"
-        )
+    num_windows(data, seq_len)
     starts = range(start * seq_len, data.shape[1] - seq_len, seq_len)
     return ((data[:, i : i + seq_len], data[:, i + 1 : i + 1 + seq_len]) for i in starts)
 

@@ -11,7 +11,13 @@ import torch
 from fastlm.errors import TrainingError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**63 - 1  # torch's generators take a 64-bit seed: a larger Python int overflows with a traceback
 SIMULATE_ENV = "FASTLM_SIMULATE_CUDA_GRAPHS"  # a test switch: CPU runs take the CUDA-graph path, simulated
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise TrainingError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -24,6 +30,9 @@ def pick_device(name: str) -> torch.device:
         raise TrainingError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type not in ("cpu", "cuda"):
         raise TrainingError(f"fastlm runs on cpu or cuda, not {device.type}: use cpu, cuda, cuda:N or auto")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise TrainingError(f"--device {name}: there is one CPU device, and torch spreads its work over every core: "
+                            "use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -92,9 +101,6 @@ def check_cpu_can_multiply(amp_dtype: torch.dtype | None) -> None:
 
 # -- memory ----------------------------------------------------------------------------------------
 
-BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient and at most two optimizer moments (Adam's)
-
-
 def available_bytes(device: torch.device) -> int | None:
     """Memory free for tensors on `device` now (None where it cannot be told)."""
     if device.type == "cuda":
@@ -107,22 +113,22 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(parameters: int, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and Adam state alone exceed the free memory, before
+def check_fits(needed: int, device: torch.device) -> None:
+    """Refuse a model that needs more than the free memory (`needed` bytes: `training_bytes`), before
     allocating anything (else the allocation fails with a traceback, or swaps for minutes)."""
-    needed, free = parameters * BYTES_PER_PARAMETER, available_bytes(device)
+    free = available_bytes(device)
     if free is not None and needed > free:
-        raise TrainingError(f"the model needs {needed / 2**30:.1f} GiB for its {parameters:,} parameters with their "
-                            f"gradients and optimizer state, and {device} has {free / 2**30:.1f} GiB free: use a "
-                            "smaller --hidden-size, --embed-size or --num-layers")
+        raise TrainingError(f"training this model needs at least {needed / 2**30:.1f} GiB (weights, gradients, "
+                            f"optimizer state and one window's activations) and {device} has {free / 2**30:.1f} GiB "
+                            "free: use a smaller --hidden-size, --embed-size, --num-layers, --batch-size or --seq-len")
 
 
-def prepare(device: torch.device, amp: str, parameters: int, say) -> torch.dtype | None:
-    """This run's autocast dtype on `device`, after refusing what the machine cannot do (a model of
-    `parameters` that does not fit, 16-bit floats on a CPU without units for them) and, on the CPU,
+def prepare(device: torch.device, amp: str, needed: int, say) -> torch.dtype | None:
+    """This run's autocast dtype on `device`, after refusing what the machine cannot do (a model that
+    needs more than its free memory, 16-bit floats on a CPU without units for them) and, on the CPU,
     keeping freed memory (no page faults on freshly mapped tensors every step)."""
     amp_dtype = amp_dtype_for(amp, device)
-    check_fits(parameters, device)
+    check_fits(needed, device)
     if device.type == "cpu":
         check_cpu_can_multiply(amp_dtype)
         retain_freed_memory()

@@ -1,12 +1,16 @@
 """python -m fastlm.evaluate: perplexity of a checkpoint over a whole split."""
 from __future__ import annotations
 
+import sys
+
 from fastlm.cli import ArgumentParser, run_main
-from fastlm.data import Corpus, batchify_for_eval
+from fastlm.data import UNK, Corpus, batchify_for_eval
 from fastlm.device import pick_device
 from fastlm.models.lm import load_model
 from fastlm.models.lstm import BACKENDS
 from fastlm.scoring import evaluate, perplexity
+
+OUT_OF_VOCABULARY_WARNING = 0.01
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     data = batchify_for_eval(getattr(corpus, args.split), batch_size, args.split, "--batch-size").to(device)
     loss = evaluate(model, data, cfg["seq_len"])
     scored = data.shape[0] * (data.shape[1] - 1)  # every token of a row but its first
+    unknown = corpus.out_of_vocabulary[args.split] / max(1, getattr(corpus, args.split).numel())
     print(f"{args.split} perplexity: {perplexity(loss):.2f} (loss {loss:.4f}, {scored} tokens scored, "
-          f"after {ckpt['global_step']} training steps, {args.checkpoint})")
+          f"{unknown:.2%} out of vocabulary, after {ckpt['global_step']} training steps, {args.checkpoint})")
+    if unknown > OUT_OF_VOCABULARY_WARNING:
+        print(f"warning: {unknown:.1%} of the {args.split} words are not in the model's vocabulary and were scored "
+              f"as {UNK}, which is easier to predict than the words themselves: this perplexity is not comparable "
+              "with one on text the vocabulary covers", file=sys.stderr)
     return 0
 
 

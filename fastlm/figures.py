@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastlm.errors import UsageError
+from fastlm.files import write_output
+
+COMMON_FORMATS = ("png", "pdf", "svg")  # named first when a format is refused
 
 
 def _pyplot():
@@ -15,6 +18,20 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def image_format(path: Path, flag: str = "--out") -> str:
+    """The format `path` is drawn in: its suffix (PNG without one), refused unless matplotlib writes it."""
+    _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in formats:
+        known = [*COMMON_FORMATS, *sorted(set(formats) - set(COMMON_FORMATS))]
+        raise UsageError(f"cannot draw {flag} {path} as {fmt}: matplotlib writes {', '.join(known)}; name the file "
+                         f"with one of those suffixes, e.g. {Path(path).with_suffix('.png')}")
+    return fmt
 
 
 def log_axis(ax) -> None:
@@ -36,8 +53,9 @@ def log_axis(ax) -> None:
 
 def curves(path: Path, panels: list[dict], title: str) -> Path:
     """Side-by-side line charts. Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "log": bool};
-    a series (xs, ys, lows, highs) also shades the band from lows to highs."""
-    plt = _pyplot()
+    a series (xs, ys, lows, highs) also shades the band from lows to highs. Written by `write_output`'s rule,
+    in the format of the path's suffix (`image_format`), to exactly that path."""
+    fmt, plt = image_format(path), _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for label, (xs, ys, *band) in panel["series"].items():
@@ -54,8 +72,10 @@ def curves(path: Path, panels: list[dict], title: str) -> Path:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_output(path, lambda file: fig.savefig(file, format=fmt, dpi=120), example="curves.png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -3,31 +3,16 @@ from __future__ import annotations
 
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 from fastlm.checkpoint import checkpoint_path
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.data import EOS, UNK
-from fastlm.device import available_bytes, pick_device
+from fastlm.device import available_bytes, check_seed, pick_device
 from fastlm.errors import UsageError
-from fastlm.files import write_atomically
+from fastlm.files import check_output_path, write_output
 from fastlm.generation.sampling import STRATEGIES, encode_prompt, generate, to_text
 from fastlm.models.lm import load_model
-
-
-def check_output_file(path: Path) -> None:
-    """Refuse, before any work, an --out that is a folder, a checkpoint or in a place that cannot be written."""
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a folder: name a file, e.g. {path / 'sample.txt'}")
-    try:
-        if path.suffix in (".pt", ".pth") or path.is_file() and path.read_bytes()[:4] == b"PK\x03\x04":
-            raise UsageError(f"--out {path} is a checkpoint (or named like one): samples never overwrite one, "
-                             "name a .txt file")
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write --out {path} ({err.strerror or err}): pick another file") from None
 
 
 def check_batch_fits(num_samples: int, model, device) -> None:
@@ -59,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     out = Path(args.out) if args.out else checkpoint_path(args.checkpoint).parent / "sample.txt"
-    check_output_file(out)
+    check_output_path(out, example="sample.txt")
+    if args.seed is not None:
+        check_seed(args.seed)
     device = pick_device(args.device)
     model, dictionary, _ = load_model(args.checkpoint, device)
     check_batch_fits(args.num_samples, model, device)
@@ -73,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                        eos_id=dictionary.word2idx[EOS] if args.stop_at_eos else None)
     texts = [to_text(prompt + sample, dictionary).rstrip("\n") for sample in samples]
-    write_atomically(out, "\n\n".join(texts) + "\n")
+    write_output(out, "\n\n".join(texts) + "\n", example="sample.txt")
     for k, text in enumerate(texts, 1):
         print(f"--- sample {k} ---" if len(texts) > 1 else "---")
         print(text)

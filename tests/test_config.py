@@ -51,3 +51,13 @@ def test_cuda_devices_are_checked_against_the_machine_and_their_memory_read(monk
     with pytest.raises(TrainingError, match=r"this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         pick_device("cuda:2")
     assert available_bytes(torch.device("cuda", 1)) == 123 * 2**20
+
+
+@pytest.mark.parametrize("name", ["cpu:1", "cpu:7"])
+def test_there_is_one_cpu_device(name):
+    from fastlm.device import pick_device
+    from fastlm.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=f"--device {name}: there is one CPU device"):
+        pick_device(name)
+    assert pick_device("cpu:0").type == "cpu"

@@ -2,7 +2,7 @@
 
 Counted in a fresh interpreter (the setting is process-wide, and the trainer tests apply it too):
 minor page faults (getrusage) in one "step" that allocates, writes and frees tensors of a training
-step's sizes, after a few such steps, before the call and (the last three of eight) after it.
+step's sizes, after a few such steps, before the call and (the fewest of the last five of ten) after it.
 "Before" pins glibc's documented defaults (mmap from 128 KiB, trim at 128 KiB): left alone, glibc
 raises those thresholds as the process frees memory, and the count would depend on what ran first.
 """
@@ -36,7 +36,9 @@ def faults_in_one_step():
 as_it_comes = [faults_in_one_step() for _ in range(4)][-1]
 was_retaining = is_retaining_freed_memory()
 applied = retain_freed_memory()
-retained = sum([faults_in_one_step() for _ in range(8)][-3:])  # the heap settles within a few steps
+# the heap settles within a few steps; the fewest faults of the last five, so that a busy machine's
+# page reclaim in one step does not decide the outcome
+retained = min([faults_in_one_step() for _ in range(10)][-5:])
 print(as_it_comes, was_retaining, applied, retained)
 """
 
@@ -47,4 +49,4 @@ def test_a_repeated_step_reuses_freed_memory():
     as_it_comes, was_retaining, applied, retained = int(out[0]), out[1], out[2], int(out[3])
     assert was_retaining == "False" and applied == "True"
     assert as_it_comes > PAGES * 9 // 10, f"expected fresh mappings to fault in, saw {as_it_comes} of {PAGES} pages"
-    assert retained < PAGES // 30, f"expected freed blocks to be reused, saw {retained} faults of {PAGES} pages"
+    assert retained < PAGES // 100, f"expected freed blocks to be reused, saw {retained} faults of {PAGES} pages"

@@ -15,7 +15,7 @@ from conftest import REPO
 
 from benchmarks import gpu_summary
 
-GRAPHED = "fastlm: 10000 words, 1549 steps/epoch, device cuda, LSTM backend triton, CUDA graphs, run folder x\n"
+GRAPHED = "fastlm: 10000 words, 16,256,784 parameters, 1549 steps/epoch, device cuda, LSTM backend triton, CUDA graphs, run folder x\n"
 ENDED = "Training time: 9.5 s for 7745 steps and 6 validation passes\n"
 STEPS = ("machine", "register", "kernel_tests", "compile", "tune", "benchmarks", "run_full", "run_small")
 

@@ -146,3 +146,26 @@ run_main(main, ["--data", sys.argv[1], "--backend", "triton", "--device", "cpu"]
     assert "fused_lstm: fastlm's fused LSTM kernel needs Triton, which is not installed" in proc.stdout
     assert proc.stderr == ("error: the triton backend needs Triton, which is not installed: the CUDA builds of torch "
                            "bring it (elsewhere pip install 'triton>=3.3'), or choose --backend torch\n")
+
+
+def test_the_fused_kernel_on_a_cpu_without_the_interpreter_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    # A compiled Triton kernel needs CUDA tensors; on the CPU only the interpreter runs it (the tests
+    # switch it on in conftest.py, so this test switches it off again).
+    from fastlm.cli import run_main
+    from fastlm.evaluate import main as evaluate_main
+    from fastlm.train import main as train_main
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    run = tmp_path / "run"
+    for main, argv in [(train_main, ["--data", str(tiny_run.parent / "corpus"), "--out", str(run), "--backend",
+                                     "triton", "--device", "cpu"]),
+                       (evaluate_main, ["--checkpoint", str(tiny_run), "--backend", "triton", "--device", "cpu"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert "--backend triton runs the fused kernel on a CUDA GPU: use --device cuda, or on the CPU set " \
+               "TRITON_INTERPRET=1" in err
+    assert not run.exists()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_backend("triton", "cpu")  # interpreted: allowed

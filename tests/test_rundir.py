@@ -160,9 +160,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(corpus_dir, tmp_p
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
     code, err = cli(["--resume", run, "--max-steps", 5], capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"cannot write {run / 'checkpoint.pt'} (" in err and "the checkpoint.pt already there is intact" in err
+    assert f"cannot write {run / 'checkpoint.pt'} (the write failed: is the disk full?)" in err
+    assert "the checkpoint.pt already there is intact" in err and "then --resume the run" in err
+    assert "inline_container" not in err, "torch's internals are no reason a user can act on"
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not list(run.glob(".*.tmp"))
+
+
+def test_a_disk_full_before_the_first_checkpoint_says_to_start_again(corpus_dir, tmp_path, monkeypatch, capsys):
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    run = tmp_path / "run"
+    code, err = cli(["--data", corpus_dir, "--out", run, "--embed-size", 8, "--hidden-size", 8, "--batch-size", 4,
+                     "--seq-len", 5, "--eval-batch-size", 3, "--max-steps", 2, "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "(No space left on device): nothing was saved there; free some space, then start the run again" in err
+    assert "--resume" not in err, "there is nothing to resume"
 
 
 def test_a_record_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
@@ -216,7 +231,16 @@ def _tamper(run, change):
      "holds non-finite weights (linear.weight): that run diverged"),
     (lambda run: torch.save({"model": {}, "config": {}, "format": 1, "evil": object.__new__(RunFolder)},
                             run / "checkpoint.pt"), "holds Python objects besides tensors and numbers"),
-], ids=["zero-bytes", "format-99", "no-vocab", "no-optimizer", "wrong-shape", "nan-weights", "pickled-object"])
+    (lambda run: (run / "checkpoint.pt").write_bytes(b"<html><body>404 Not Found</body></html>"),
+     "is not a checkpoint (not a file torch.save wrote)"),
+    (lambda run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4000]),
+     "is not a readable checkpoint (damaged, or not one fastlm wrote)"),
+    (lambda run: _tamper(run, lambda c: c.update(config={})),
+     "lacks config['data'], config['embed_size'], config['hidden_size'], config['num_layers'], config['seq_len'], "
+     "config['eval_batch_size']: it is not a complete"),
+    (lambda run: _tamper(run, lambda c: c["config"].pop("hidden_size")), "lacks config['hidden_size']"),
+], ids=["zero-bytes", "format-99", "no-vocab", "no-optimizer", "wrong-shape", "nan-weights", "pickled-object",
+        "html-page", "truncated", "empty-config", "config-without-hidden-size"])
 def test_a_checkpoint_that_cannot_be_used_is_one_line_everywhere(tiny_run, tmp_path, capsys, change, message):
     from fastlm.embed import main as embed_main
     from fastlm.evaluate import main as evaluate_main
@@ -251,3 +275,55 @@ def test_bad_input_leaves_no_run_folder_behind(tmp_path, capsys):
     run = tmp_path / "run"
     code, err = cli(["--data", tmp_path / "nowhere", "--out", run, "--device", "cpu"], capsys)
     assert code == 2 and "lacks train.txt" in err and not run.exists()
+
+
+# -- round 3 ---------------------------------------------------------------------------------------
+
+def test_a_resume_on_another_training_text_is_refused(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(corpus_dir, run, max_steps=3))
+    shorter = tmp_path / "shorter"
+    shorter.mkdir()
+    for split in ("train", "valid", "test"):
+        lines = (corpus_dir / f"{split}.txt").read_text().splitlines()
+        (shorter / f"{split}.txt").write_text("\n".join(lines[: len(lines) // 3]) + "\n")
+    before = (run / "checkpoint.pt").read_bytes()
+    code, err = cli(["--resume", run, "--data", shorter, "--max-steps", 6], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--data {shorter}: its train.txt is not the text this run trained on" in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(run)["data"]["train_words"] == sum(
+        len(line.split()) + 1 for line in (corpus_dir / "train.txt").read_text().splitlines())
+
+
+def test_a_metrics_file_with_foreign_bytes_still_resumes(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(corpus_dir, run, max_steps=3))
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe not UTF-8 \x80\n[1, 2]\n")
+    code, err = cli(["--resume", run, "--max-steps", 5], capsys)
+    assert code == 0, err
+    assert [r["global_step"] for r in records(run) if r["split"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_an_infinite_perplexity_is_written_as_valid_json_and_read_back(tmp_path):
+    import math
+
+    from fastlm.training.rundir import read_metrics
+
+    folder = RunFolder(tmp_path / "run")
+    folder.open(fresh=True)
+    folder.append({"split": "valid", "loss": 800.0, "ppl": math.inf})
+    line = (folder.path / "metrics.jsonl").read_text()
+    assert "Infinity" not in line and json.loads(line)["ppl"] is None  # strict JSON readers accept it
+    assert read_metrics(folder.path) == [{"split": "valid", "loss": 800.0, "ppl": math.inf}]
+
+
+def test_bad_input_leaves_no_folder_it_created(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "run"
+    code, err = cli(["--data", tmp_path / "no-corpus", "--out", out, "--device", "cpu"], capsys)
+    assert code == 2 and "lacks train.txt" in err
+    assert not (tmp_path / "new").exists(), "the parents it created for the run folder are gone too"
+    (tmp_path / "kept").mkdir()
+    code, err = cli(["--data", tmp_path / "no-corpus", "--out", tmp_path / "kept" / "run", "--device", "cpu"], capsys)
+    assert code == 2 and (tmp_path / "kept").is_dir(), "a folder that was there stays"

@@ -187,7 +187,7 @@ def test_a_vanishing_temperature_is_greedy_not_nan(loaded):
 
 
 @pytest.mark.parametrize("out, message", [
-    (lambda run, tmp: run / "checkpoint.pt", "is a checkpoint (or named like one): samples never overwrite one"),
+    (lambda run, tmp: run / "checkpoint.pt", "is a checkpoint (or named like one): fastlm never writes over one"),
     (lambda run, tmp: tmp / "copy.pt", "is a checkpoint (or named like one)"),
     (lambda run, tmp: tmp, "is a folder: name a file"),
     (lambda run, tmp: "/proc/fastlm/sample.txt", "cannot write --out /proc/fastlm/sample.txt"),
@@ -214,3 +214,40 @@ def test_more_samples_than_memory_holds_is_refused(tiny_run, tmp_path, capsys, m
                                str(tmp_path / "s.txt"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--num-samples 1000000000 needs about" in err and "ask for at most" in err
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 1e-300, 5e-324], ids=["1e-50", "1e-300", "smallest-float"])
+def test_top_p_below_float32_keeps_the_most_likely_word(top_p):
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [0.0, 0.0, 4.0, 1.0]])
+    kept = torch.isfinite(filter_logits(logits, top_p=top_p))
+    assert kept.tolist() == [[False, True, False, False], [False, False, True, False]]
+    draws = next_words(logits, top_p=top_p, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    assert draws.tolist() == [1, 2]
+
+
+def test_top_p_below_float32_on_the_command_line_is_greedy(tiny_run, tmp_path, capsys):
+    argv = ["--checkpoint", str(tiny_run), "--prompt", "w1", "--num-words", "12", "--device", "cpu"]
+    for extra, name in ((["--top-p", "1e-50", "--seed", "3"], "top-p.txt"), (["--strategy", "greedy"], "greedy.txt")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(sample_main, argv + extra + ["--out", str(tmp_path / name)])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "top-p.txt").read_text() == (tmp_path / "greedy.txt").read_text()
+
+
+@pytest.mark.parametrize("seed", [str(2**70), str(2**63), "-1"], ids=["2**70", "2**63", "negative"])
+def test_a_seed_outside_64_bits_is_refused_before_any_work(tiny_run, tmp_path, capsys, monkeypatch, seed):
+    import fastlm.sample
+
+    monkeypatch.setattr(fastlm.sample, "load_model", lambda *a, **k: pytest.fail("loaded before checking --seed"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sample_main, ["--checkpoint", str(tiny_run), "--seed", seed, "--out", str(tmp_path / "s.txt"),
+                               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: --seed must be between 0 and 2**63 - 1, got {seed}\n"
+    with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*63 - 1"):
+        generate(load_model(tiny_run)[0], 3, seed=int(seed))
+
+
+def test_the_largest_seed_is_accepted(loaded):
+    model = loaded[0]
+    assert generate(model, 5, seed=2**63 - 1) == generate(model, 5, seed=2**63 - 1)

@@ -135,9 +135,13 @@ def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
     (["--eval-tokens", "0"], "--eval-tokens must be at least 1, got 0"),
     (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
     (["--steps", "50", "--eval-interval", "60"], "--eval-interval 60 leaves no evaluation within --steps 50: lower it"),
+    (["--free-running", "2"], "error: --free-running is a probability in [0, 1], got 2.0"),
+    (["--schedule", "bogus"], "error: unknown --schedule 'bogus': choose constant, linear"),
+    (["--seed", str(2**63 - 2), "--seeds", "3"], f"--seeds 3 from --seed {2**63 - 2} reach seed {2**63}, above "
+                                                 f"2**63 - 1: use a --seed of at most {2**63 - 3}"),
 ], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1", "no-seeds", "eval-tokens-0",
-        "eval-interval-0",
-        "eval-interval-beyond-steps"])
+        "eval-interval-0", "eval-interval-beyond-steps", "free-running-above-1", "unknown-schedule",
+        "seeds-beyond-64-bits"])
 def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
                                                                 message):
     import fastlm.experiments.teacher_forcing
@@ -148,7 +152,17 @@ def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_p
         run_main(compare_main, ["teacher-forcing", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
                                 "--device", "cpu", *extra])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("experiment", ["teacher-forcing", "detach"])
+def test_an_out_that_is_a_file_is_refused(corpus_dir, tmp_path, capsys, experiment):
+    out = tmp_path / "notes.md"
+    out.write_text("my notes\n")
+    code, printed = _run([experiment, "--data", str(corpus_dir), "--out", str(out), *TINY], capsys)
+    assert code == 2 and printed.err.count("\n") == 1, printed.err
+    assert f"--out {out} is a file: pass a new folder for the report" in printed.err
+    assert out.read_text() == "my notes\n"
 
 
 def test_evaluate_refuses_a_batch_that_scores_nothing_or_is_not_positive(tiny_run, capsys):

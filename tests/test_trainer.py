@@ -228,8 +228,8 @@ def _cli(main, argv, capsys):
         pytest.param(["--device", "xpu"], "fastlm runs on cpu or cuda, not xpu", id="device-xpu"),
         pytest.param(["--seed", str(10**24)], "--seed must be between 0 and 2**63 - 1", id="seed-too-big"),
         pytest.param(["--lr", "inf"], "--lr and --clip must be positive and finite", id="lr-inf"),
-        pytest.param(["--hidden-size", "300000"], "the model needs 5", id="model-too-big-for-memory"),
-        pytest.param(["--num-layers", "100000"], "use a smaller --hidden-size, --embed-size or --num-layers",
+        pytest.param(["--hidden-size", "300000"], "training this model needs at least 5", id="model-too-big-for-memory"),
+        pytest.param(["--num-layers", "100000"], "use a smaller --hidden-size, --embed-size, --num-layers,",
                      id="too-many-layers"),
         pytest.param(["--eval-batch-size", "400"], "valid.txt's 262 tokens cannot fill 400 rows: use a smaller "
                      "--eval-batch-size", id="eval-batch-beyond-the-split"),
@@ -315,6 +315,10 @@ def test_a_plain_text_corpus_trains_end_to_end(tmp_path, capsys):
     assert "fastlm: 8 words" in out.out
     code, out = _cli(evaluate_main, ["--checkpoint", str(run), "--split", "valid", "--device", "cpu"], capsys)
     assert code == 0 and out.out.startswith("valid perplexity: ")
+    valid_words = [w for line in (corpus / "valid.txt").read_text().splitlines() for w in line.split() + ["<eos>"]]
+    unknown = sum(w not in vocab for w in valid_words) / len(valid_words)  # zebra, yak and the words cut off
+    assert f"{unknown:.2%} out of vocabulary" in out.out
+    assert out.err.startswith(f"warning: {unknown:.1%} of the valid words are not in the model's vocabulary")
     code, out = _cli(sample_main, ["--checkpoint", str(run), "--prompt", "the cat", "--seed", "1", "--device", "cpu",
                                    "--out", str(tmp_path / "s.txt")], capsys)
     assert code == 0 and (tmp_path / "s.txt").read_text().startswith("the cat")
@@ -345,3 +349,45 @@ def test_16_bit_autocast_on_a_cpu_without_its_units_is_refused(corpus_dir, tmp_p
                                   "--amp", amp], capsys)
     assert code == 2 and f"this CPU has no {amp} units ({units}), so --amp {amp} would run many times slower" in out.err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_resumed_runs_first_loss_says_how_many_steps_it_averages(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(corpus_dir, run, epochs=1, log_interval=10, max_steps=15))
+    capsys.readouterr()
+    train(TrainConfig(), resume=str(run), overrides={"max_steps": 40})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch [1/1], Step[")]
+    assert "Step[20/132], Loss: " in lines[0] and "(mean of 5 steps)" in lines[0], "steps 16-20 since the resume"
+    assert "Step[30/132]" in lines[1] and "(mean of" not in lines[1]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records if r["split"] == "train"] == [10, 5, 10, 10]
+
+
+def test_nothing_to_train_names_every_flag_that_stops_the_run(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train(tiny(corpus_dir, run, epochs=1))
+    train(TrainConfig(), resume=str(run), overrides={"max_steps": result.global_step})
+    out = capsys.readouterr().out
+    assert (f"Nothing to train: the run has finished its 1 epoch(s); pass --epochs N with N > 1 and raise --max-steps "
+            f"above {result.global_step} (it stops the run too) to train more") in out
+
+
+def test_the_first_line_gives_the_models_size_and_activations_count_towards_fitting(corpus_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from fastlm.models.lm import parameter_count, training_bytes
+
+    cfg = tiny(corpus_dir, tmp_path / "run", max_steps=1)
+    train(cfg)
+    vocab_size = len(Corpus(corpus_dir).dictionary)
+    parameters = sum(p.numel() for p in RNNLM(vocab_size, 16, 32).parameters())
+    assert parameter_count(cfg, vocab_size) == parameters
+    assert f"fastlm: {vocab_size} words, {parameters:,} parameters, " in capsys.readouterr().out
+    # One window's activations count too: with a byte less free than weights and activations need, refused.
+    free = training_bytes(cfg, vocab_size) - 1
+    assert free > 16 * parameters, "the weights, gradients and Adam state alone would fit"
+    monkeypatch.setattr(device, "available_bytes", lambda where: free)
+    code, out = _cli(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "big"), "--embed-size", "16",
+                                  "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--eval-batch-size",
+                                  "3", "--device", "cpu"], capsys)
+    assert code == 2 and "training this model needs at least" in out.err and "--seq-len" in out.err
+    assert not (tmp_path / "big").exists()

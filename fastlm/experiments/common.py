@@ -11,10 +11,16 @@ MB = 2**20
 
 
 def fresh_folder(out_dir: Path) -> Path:
-    """`out_dir`, created, refused when it already holds something (a report is never overwritten)."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TrainingError(f"{out_dir} is not empty: pass a new --out folder for this report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """`out_dir`, created, refused when it already holds something (a report is never overwritten) or
+    is not a folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"--out {out_dir} is a file: pass a new folder for the report")
+    try:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise TrainingError(f"{out_dir} is not empty: pass a new --out folder for this report")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"cannot create --out {out_dir} ({err.strerror or err}): pass another folder") from None
     return out_dir
 
 

@@ -2,7 +2,7 @@
 
 The order of the filters is the usual one: divide the logits by the temperature, keep the k most
 likely words (exactly k, ties at the k-th broken by torch.topk), then keep the smallest set of
-words whose probability mass reaches p.
+words whose probability mass reaches p (the most likely word at least, however small p).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fastlm.data import EOS, UNK, Dictionary
+from fastlm.device import check_seed
 from fastlm.errors import UsageError
 from fastlm.models.lm import RNNLM
 
@@ -40,7 +41,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely words
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        drop = mass_before >= top_p
+        drop[..., 0] = False  # against float32 masses a p like 1e-50 is 0, and would drop every word
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
@@ -77,6 +80,8 @@ def generate(model: RNNLM, num_words: int, *, num_samples: int = 1, prompt: list
     sample is drawn uniformly from the vocabulary. With `eos_id`, a sample ends at its first <eos>.
     """
     check_sampling(strategy, temperature, top_k, top_p)
+    if seed is not None:
+        check_seed(seed)
     if num_words < 1 or num_samples < 1:
         raise UsageError(f"num-words and num-samples must be at least 1, got {num_words} and {num_samples}")
     model.eval()

@@ -93,13 +93,22 @@ def parameter_count(cfg, vocab_size: int) -> int:
     return vocab_size * cfg.embed_size + lstm + output
 
 
+def training_bytes(cfg, vocab_size: int) -> int:
+    """At least what training this model needs at once, in bytes: fp32 weights with their gradients
+    and two Adam moments, and one window's activations kept for backward (each layer's four gates and
+    two states per token; the logits, their softmax and its gradient)."""
+    tokens = cfg.batch_size * cfg.seq_len
+    activations = tokens * (cfg.embed_size + 6 * cfg.hidden_size * cfg.num_layers + 3 * vocab_size)
+    return 4 * (4 * parameter_count(cfg, vocab_size) + activations)
+
+
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
                ) -> tuple[RNNLM, Dictionary, dict]:
     """The model and vocabulary of a checkpoint (a run folder or a .pt file), ready for inference."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_finite_weights(ckpt, checkpoint)
     cfg = ckpt["config"]
-    check_backend(backend or cfg.get("backend", "auto"))  # a saved `triton` needs Triton on this machine too
+    check_backend(backend or cfg.get("backend", "auto"), device)  # a saved `triton` needs Triton on this machine too
     dictionary = Dictionary(ckpt["vocab"])
     model = RNNLM.from_config(cfg, len(dictionary), backend).to(device)
     load_weights(model, ckpt["model"], checkpoint)

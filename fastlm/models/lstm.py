@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,18 @@ def _triton_available() -> bool:
         return False
 
 
-def check_backend(backend: str) -> None:
-    """The one check of a backend name: known, and for ``triton`` installed."""
+def check_backend(backend: str, device: torch.device | str | None = None) -> None:
+    """The one check of a backend: a known name; for ``triton``, Triton installed and, on the CPU,
+    its interpreter switched on (a compiled Triton kernel runs on CUDA tensors only)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown LSTM backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "triton" and not _triton_available():
         raise UsageError("the triton backend needs Triton, which is not installed: the CUDA builds of torch bring "
                          "it (elsewhere pip install 'triton>=3.3'), or choose --backend torch")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if backend == "triton" and device is not None and torch.device(device).type != "cuda" and not interpreted:
+        raise UsageError("--backend triton runs the fused kernel on a CUDA GPU: use --device cuda, or on the CPU "
+                         "set TRITON_INTERPRET=1 to run it interpreted (slow, for testing), or choose --backend torch")
 
 
 def resolve_backend(backend: str, device: torch.device | str, amp_dtype: torch.dtype | None = None,

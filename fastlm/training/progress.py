@@ -73,3 +73,16 @@ class Pace:
         self.steps, self.last_time = 0, now
         self.bar.set_postfix(tok_s=f"{self.tokens_per_step / seconds_per_step:,.0f}")
         return steps, seconds_per_step, self.tokens_per_step / seconds_per_step
+
+
+def nothing_to_train(epoch: int, epochs: int, global_step: int, max_steps: int | None) -> str | None:
+    """Why a resumed run that has already done what it is asked has nothing to do, if it has."""
+    at_max_steps = max_steps is not None and global_step >= max_steps
+    if epoch >= epochs:
+        also = f" and raise --max-steps above {max_steps} (it stops the run too)" if at_max_steps else ""
+        return (f"Nothing to train: the run has finished its {epoch} epoch(s); pass --epochs N with N > {epoch}{also} "
+                "to train more")
+    if at_max_steps:
+        return (f"Nothing to train: the run is at step {global_step} and --max-steps is {max_steps}; raise "
+                "--max-steps (it counts across resumes) to train more")
+    return None

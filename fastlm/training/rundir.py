@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import threading
@@ -52,8 +53,8 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.requested = True
         self.agreed = self.agreed or not dist.is_initialized()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for other, previous in self._previous.items():  # a second signal unwinds as it would outside the loop
+            signal.signal(other, previous if previous is not None else signal.SIG_DFL)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         tqdm.write(f"{name}: stopping after this step and saving a checkpoint (again to abort without saving)")
 
@@ -89,6 +90,8 @@ class RunFolder:
         self._lock = None
 
     def open(self, fresh: bool) -> None:
+        # the folders this call creates (the run folder and missing parents), for `remove_if_unused`
+        self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / ".lock", "a+")
@@ -126,10 +129,14 @@ class RunFolder:
             self._lock = None
 
     def remove_if_unused(self) -> None:
-        """Remove the folder when it holds nothing but the lock file (a run stopped by bad input)."""
+        """Remove the folder when it holds nothing but the lock file (a run stopped by bad input),
+        and the parents `open` created for it, as long as they are empty."""
         if self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
             (self.path / ".lock").unlink()
-            self.path.rmdir()
+            for folder in getattr(self, "_created", [self.path]):
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
 
     def save(self, checkpoint: dict, name: str, global_step: int, write: bool = True) -> None:
         """Write a checkpoint (atomically; `write=False` on the ranks that leave it to rank 0) and
@@ -149,7 +156,11 @@ class RunFolder:
         """Append one record to metrics.jsonl whole or not at all: a write cut short (disk full) is
         cut back off, so readers never meet half a line."""
         path = self.path / METRICS
-        line = (json.dumps(record) + "\n").encode()
+        # JSON has no inf or NaN (most readers refuse Python's `Infinity`): null, and the value kept by name
+        nonfinite = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        if nonfinite:
+            record = {**record, **dict.fromkeys(nonfinite), "nonfinite": nonfinite}
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as err:
@@ -182,17 +193,22 @@ class RunFolder:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run folder's metrics.jsonl, in order ([] when it has none); a torn line (a
-    write cut short before `append` could cut it back) is skipped."""
+    """The records of a run folder's metrics.jsonl, in order ([] when it has none); a line that is no
+    JSON object (torn by a write cut short, or edited by hand) is skipped."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():  # bytes: a torn or foreign line may not even be UTF-8
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
+        if isinstance(record, dict):
+            nonfinite = record.pop("nonfinite", None)  # the values `append` wrote as null
+            if isinstance(nonfinite, dict):
+                record |= {k: float(v) for k, v in nonfinite.items()}
+            records.append(record)
     return records
 
 

@@ -239,6 +239,11 @@ class TrainStep:
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.h, self.c
 
+    def finite(self, with_loss: bool = False) -> bool:
+        """Whether every weight, and with `with_loss` the loss summed since the last read, is finite (one sync)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        return bool((finite & torch.isfinite(self.loss_sum) if with_loss else finite).item())
+
     def take_loss_sum(self) -> float:
         """The summed loss since the last call (the one host-device sync), then reset."""
         value = self.loss_sum.item()

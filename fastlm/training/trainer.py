@@ -15,15 +15,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from fastlm.checkpoint import BEST, CHECKPOINT, load_checkpoint, run_checkpoint
+from fastlm.checkpoint import BEST, CHECKPOINT, check_same_data, load_checkpoint, run_checkpoint
 from fastlm.config import TrainConfig
 from fastlm.data import Dictionary, batchify, batchify_for_eval, load_corpus, num_windows, tbptt_windows
 from fastlm.device import prepare, set_rng_state
 from fastlm.errors import DivergedError
-from fastlm.models.lm import RNNLM, load_weights, parameter_count
+from fastlm.models.lm import RNNLM, load_weights, parameter_count, training_bytes
 from fastlm.scoring import evaluate, perplexity
 from fastlm.training import distributed
-from fastlm.training.progress import Pace
+from fastlm.training.progress import Pace, nothing_to_train
 from fastlm.training.rundir import OpenedRun, StopFlag, open_run
 from fastlm.training.scheduled_sampling import free_running_step, teacher_forcing_probability
 from fastlm.training.step import build_eval_forward, build_train_step
@@ -73,13 +73,15 @@ class Run:
     def _load_data(self, ckpt: dict | None) -> None:
         cfg, world = self.cfg, self.world
         self.corpus = load_corpus(cfg.data, Dictionary(ckpt["vocab"]) if ckpt else None, cfg.vocab_size)
+        self.data_fingerprint = self.corpus.fingerprint()
+        if ckpt:
+            check_same_data(ckpt, self.data_fingerprint, cfg.data)
         # Each rank owns a contiguous block of the global batch's rows (all rows in one process).
         self.rows, eval_rows = world.rows(cfg.batch_size), world.rows(cfg.eval_batch_size)
         self.train_data = batchify(self.corpus.train, cfg.batch_size)[self.rows].to(self.device)
         self.valid_data = batchify_for_eval(self.corpus.valid, cfg.eval_batch_size, "valid")[eval_rows].to(self.device)
         self.test_data = batchify_for_eval(self.corpus.test, cfg.eval_batch_size, "test")[eval_rows].to(self.device)
-        tbptt_windows(self.train_data, cfg.seq_len)  # rejects a seq_len too long for the data, before any work
-        self.steps_per_epoch = num_windows(self.train_data, cfg.seq_len)
+        self.steps_per_epoch = num_windows(self.train_data, cfg.seq_len)  # refuses a seq_len that leaves none
         self.planned_steps = cfg.teacher_forcing_steps or max(1, cfg.epochs * self.steps_per_epoch)  # the schedule's
         in_epochs = cfg.epochs * self.steps_per_epoch
         self.total_steps = in_epochs if cfg.max_steps is None else min(in_epochs, cfg.max_steps)  # across resumes
@@ -90,7 +92,7 @@ class Run:
     def _build(self, ckpt: dict | None) -> None:
         """The model (from the seed, or the checkpoint's weights and position), then the step."""
         cfg, device, vocab_size = self.cfg, self.device, len(self.corpus.dictionary)
-        self.amp_dtype = prepare(device, cfg.amp, parameter_count(cfg, vocab_size), self.say)
+        self.amp_dtype = prepare(device, cfg.amp, training_bytes(cfg, vocab_size), self.say)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None  # fp16's
         torch.manual_seed(cfg.seed)
         self.model = RNNLM.from_config(asdict(cfg), vocab_size).to(device)
@@ -102,7 +104,8 @@ class Run:
         self.build_step(ckpt["optimizer"] if ckpt else None, self.carried if self.step > 0 else None)
         ranks = f"{self.world.size} ranks of {self.train_data.shape[0]} rows, " if self.world.enabled else ""
         steps = "CUDA graphs" if self.stepper.graph is not None else "eager steps"
-        self.say(f"fastlm: {vocab_size} words, {self.steps_per_epoch} steps/epoch, device {device}, {ranks}"
+        self.say(f"fastlm: {vocab_size} words, {parameter_count(cfg, vocab_size):,} parameters, "
+                 f"{self.steps_per_epoch} steps/epoch, device {device}, {ranks}"
                  f"LSTM backend {self.model.lstm.backend}, {steps}, run folder {self.run_dir}")
         self.eval_forward = build_eval_forward(self.model, self.valid_data.shape[0], cfg.seq_len, self.amp_dtype,
                                                self.stepper.graphs, self.say)
@@ -120,7 +123,7 @@ class Run:
         cfg = self.cfg
         self.pace = Pace(self.clock, self.global_step, self.total_steps, cfg.batch_size * cfg.seq_len,
                          show=self.world.is_main)
-        if reason := self.nothing_to_train():  # leaves the folder alone
+        if reason := nothing_to_train(self.epoch, cfg.epochs, self.global_step, cfg.max_steps):  # folder untouched
             self.say(reason)
             return self.result
         with StopFlag() as stop:
@@ -148,19 +151,9 @@ class Run:
             self.test()
         return self.result
 
-    def nothing_to_train(self) -> str | None:
-        """Why a resumed run that has already done what it is asked has nothing to do, if it has."""
-        if self.epoch >= self.cfg.epochs:
-            return (f"Nothing to train: the run has finished its {self.epoch} epoch(s); pass --epochs N with N > "
-                    f"{self.epoch} to train more")
-        if self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps:
-            return (f"Nothing to train: the run is at step {self.global_step} and --max-steps is {self.cfg.max_steps}; "
-                    "raise --max-steps (it counts across resumes) to train more")
-        return None
-
     def save_where_stopped(self, stop: StopFlag) -> None:
         """Mid-epoch: checkpoint.pt with the carried state, so that --resume goes on exactly here."""
-        self.refuse_to_save_divergence(self.stepper.loss_sum)
+        self.refuse_to_save_divergence(with_loss=True)
         self.save(self.state_dict(self.stepper.state), CHECKPOINT)
         self.result.interrupted = stop.requested
         if stop.requested:
@@ -197,10 +190,12 @@ class Run:
         if not math.isfinite(mean_loss):
             raise DivergedError(f"the training loss became {mean_loss} by step {self.global_step}; stopped without "
                                 f"saving: {self.folder.kept()} (try a lower --lr)")
+        partial = f" (mean of {steps} steps)" if steps != self.cfg.log_interval else ""  # a resume, an epoch's end
+        eta = self.pace.eta(self.global_step, seconds_per_step)
         self.say(f"Epoch [{self.epoch + 1}/{self.cfg.epochs}], Step[{self.step}/{self.steps_per_epoch}], "
-                 f"Loss: {mean_loss:.4f}, Perplexity: {perplexity(mean_loss):5.2f}, {seconds_per_step:.3f} s/step, "
-                 f"step {self.global_step}/{self.total_steps}, ETA {self.pace.eta(self.global_step, seconds_per_step)}")
-        self.record(split="train", epoch=self.epoch + 1, step=self.step, global_step=self.global_step,
+                 f"Loss: {mean_loss:.4f}{partial}, Perplexity: {perplexity(mean_loss):5.2f}, {seconds_per_step:.3f} "
+                 f"s/step, step {self.global_step}/{self.total_steps}, ETA {eta}")
+        self.record(split="train", epoch=self.epoch + 1, step=self.step, global_step=self.global_step, steps=steps,
                     loss=mean_loss, ppl=perplexity(mean_loss), tokens_per_s=tokens_per_s,
                     time=self.pace.training_seconds(), teacher_forcing=self.teacher_forcing,
                     lr=self.optimizer.param_groups[0]["lr"])
@@ -265,26 +260,23 @@ class Run:
         with self.pace.not_counted():
             self.folder.save(checkpoint, name, self.global_step, write=self.world.is_main)  # rank 0 writes
 
-    def refuse_to_save_divergence(self, unlogged_loss: torch.Tensor | None = None) -> None:
-        """Never write a non-finite model: the weights, and the loss summed since the last log point
-        (a divergence between log points), are checked before every save (one sync)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if unlogged_loss is not None:
-            finite = finite & torch.isfinite(unlogged_loss)
-        if not finite.item():
+    def refuse_to_save_divergence(self, with_loss: bool = False) -> None:
+        """Never write a non-finite model: checked before every save, mid-interval with the loss summed
+        since the last log point too (a divergence between log points)."""
+        if not self.stepper.finite(with_loss):
             raise DivergedError(f"the training diverged by step {self.global_step} (non-finite loss or weights); "
                                 f"stopped without saving: {self.folder.kept()} (try a lower --lr)")
 
     def state_dict(self, carried: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
         """The checkpoint at the current position, `carried` being the (h, c) a mid-epoch position
         continues from (every rank's rows, gathered)."""
+        rows = lambda t, dim=1: distributed.gather_rows(t.detach(), dim).cpu()  # noqa: E731 (every rank's rows)
         return run_checkpoint(
-            model=self.model, optimizer=self.optimizer, config=asdict(self.cfg),
+            model=self.model, optimizer=self.optimizer, config=asdict(self.cfg), data=self.data_fingerprint,
             vocab=list(self.corpus.dictionary.idx2word), epoch=self.epoch, step=self.step,
             global_step=self.global_step, best_valid_loss=self.best_valid, scaler=self.scaler,
-            state=None if carried is None else tuple(distributed.gather_rows(s.detach()).cpu() for s in carried),
-            fed_back=None if carried is None or self.fed_back is None else
-            distributed.gather_rows(self.fed_back, dim=0).cpu())
+            state=None if carried is None else tuple(map(rows, carried)),
+            fed_back=None if carried is None or self.fed_back is None else rows(self.fed_back, 0))
 
     def load_state_dict(self, ckpt: dict) -> None:
         """The run's position from a checkpoint (the model and optimizer are loaded where they are built)."""
