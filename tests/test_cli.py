@@ -81,3 +81,14 @@ def test_more_ctrl_c_while_saving_ends_quietly_with_130(corpus_dir, tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED and err == "interrupted\n"
     assert not list(run.glob(".*.tmp")), "the aborted write left no temporary file"
     assert not os.path.exists(run / "checkpoint.pt") or (run / "checkpoint.pt").stat().st_size > 0
+
+
+def test_a_closed_terminal_stops_training_politely(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, corpus_dir, load_seconds=0)
+    _wait_for(proc, "First step")
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert "SIGHUP: stopping after this step and saving a checkpoint" in out
+    assert (run / "checkpoint.pt").is_file(), "the run can be resumed"

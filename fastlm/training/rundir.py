@@ -35,10 +35,10 @@ from fastlm.training import distributed
 
 
 class StopFlag:
-    """Ctrl-C or SIGTERM (what schedulers and containers send before killing) asks the loop to stop
-    after the current step and save; a second one aborts."""
+    """Ctrl-C, SIGTERM (what schedulers and containers send before killing) or SIGHUP (a closed
+    terminal) asks the loop to stop after the current step and save; a second one aborts."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.requested = False  # this process was asked to stop
