@@ -109,6 +109,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing += [f"config[{key!r}]" for key in CONFIG_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a complete fastlm checkpoint")
+    bad = next((key for key in CONFIG_KEYS[1:] if type(config[key]) is not int or config[key] < 1), None)
+    if bad is not None or not isinstance(config["data"], str):
+        key = bad or "data"
+        raise CheckpointError(f"{path} has config[{key!r}] = {config[key]!r}, which fastlm never writes: it is not a "
+                              "checkpoint fastlm wrote (or was edited); use another")
     return ckpt
 
 

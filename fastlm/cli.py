@@ -37,6 +37,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 
     Under torchrun only rank 0 prints the error; every rank exits with the same code."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is a KeyboardInterrupt
+    for stream in (sys.stdout, sys.stderr):  # a word the terminal's encoding lacks is shown escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     say = (lambda text: print(text, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda text: None)

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastlm.cli import ArgumentParser, run_main
 from fastlm.config import SCHEDULES, TrainConfig, add_flag, check_config
 from fastlm.device import MAX_SEED, pick_device
+from fastlm.experiments.common import removed_if_left_empty
 from fastlm.experiments.detach import compare_detach
 from fastlm.experiments.teacher_forcing import compare_teacher_forcing
 
@@ -79,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--eval-tokens must be at least 1, got {args.eval_tokens}")
         if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
             p.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
-        report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule, args.target_ppl,
-                                         pairs, seeds=args.seeds, eval_interval=args.eval_interval,
-                                         eval_tokens=args.eval_tokens)
+        with removed_if_left_empty(out):
+            report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule,
+                                             args.target_ppl, pairs, seeds=args.seeds,
+                                             eval_interval=args.eval_interval, eval_tokens=args.eval_tokens)
         print(report["conclusion"])
     else:
-        compare_detach(base, args.chunks, out, args.repeats)
+        with removed_if_left_empty(out):
+            compare_detach(base, args.chunks, out, args.repeats)
     print(f"report: {out / 'report.md'}")
     return 0
 

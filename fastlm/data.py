@@ -83,19 +83,24 @@ class Corpus:
     order first seen; with `max_vocab`, only the most frequent of them (ties: first seen first),
     `<unk>` included. Words outside it read as `<unk>`, which joins the vocabulary when needed
     (Penn Treebank already has it and needs no change). Pass `dictionary` (a checkpoint's
-    vocabulary) to use it instead: then words outside it need its `<unk>`.
+    vocabulary) to use it instead: then words outside it need its `<unk>`, and `splits` may name
+    only the splits to read (evaluation needs one).
     """
 
     def __init__(self, folder: str | os.PathLike = PTB_FOLDER, dictionary: Dictionary | None = None,
-                 max_vocab: int | None = None):
-        self.folder = Path(folder)
-        missing = [f"{s}.txt" for s in SPLITS if not (self.folder / f"{s}.txt").is_file()]
+                 max_vocab: int | None = None, splits: tuple[str, ...] = SPLITS):
+        self.folder, self._given = Path(folder), dictionary is not None
+        paths = [self.folder / f"{split}.txt" for split in splits]
+        odd = next((path for path in paths if path.exists() and not path.is_file()), None)
+        if odd is not None:
+            raise DataError(f"{odd} is not a regular file (a folder, a pipe or a device): put the text there as a file")
+        missing = [path.name for path in paths if not path.is_file()]
         if missing:
             raise DataError(f"{self.folder} lacks {', '.join(missing)}: put train.txt, valid.txt and test.txt there")
-        words = {split: read_words(self.folder / f"{split}.txt") for split in SPLITS}
+        words = {split: read_words(self.folder / f"{split}.txt") for split in splits}
         self.dictionary = dictionary or self._vocabulary(words, max_vocab)
         self.out_of_vocabulary = {}  # split → how many of its words the vocabulary lacks (read as <unk>)
-        for split in SPLITS:
+        for split in splits:
             ids = self._ids(words[split], self.folder / f"{split}.txt")
             setattr(self, split, ids)
             unk = self.dictionary.word2idx.get(UNK)
@@ -128,10 +133,10 @@ class Corpus:
         if unk == -1 and (ids < 0).any():
             unknown = sorted({w for w in words if w not in word2idx})
             shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
-            raise DataError(
-                f"{path} has {len(unknown)} word(s) not in the training vocabulary ({shown}) "
-                f"and the vocabulary has no {UNK} to map them to: add them to train.txt or replace them with {UNK}"
-            )
+            fix = (f"a trained model scores only words it knows: replace them with {UNK} in {path.name}" if self._given
+                   else f"add them to train.txt or replace them with {UNK}")
+            raise DataError(f"{path} has {len(unknown)} word(s) not in the training vocabulary ({shown}) and the "
+                            f"vocabulary has no {UNK} to map them to: {fix}")
         return torch.from_numpy(ids)
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model, dictionary, ckpt = load_model(args.checkpoint, device, args.backend)
     cfg = ckpt["config"]
-    corpus = Corpus(args.data or cfg["data"], dictionary)
+    corpus = Corpus(args.data or cfg["data"], dictionary, splits=(args.split,))
     batch_size = args.batch_size or cfg["eval_batch_size"]
     data = batchify_for_eval(getattr(corpus, args.split), batch_size, args.split, "--batch-size").to(device)
     loss = evaluate(model, data, cfg["seq_len"])

@@ -92,3 +92,10 @@ def test_a_closed_terminal_stops_training_politely(corpus_dir, tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED
     assert "SIGHUP: stopping after this step and saving a checkpoint" in out
     assert (run / "checkpoint.pt").is_file(), "the run can be resumed"
+
+
+def test_a_word_the_terminal_cannot_show_is_escaped_not_a_crash():
+    script = "from fastlm.cli import run_main; run_main(lambda argv: print('café 東京') or 0, [])"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == b"caf\\xe9 \\u6771\\u4eac\n", proc.stderr

@@ -1,5 +1,6 @@
 """Data: vocabulary, splits, batchify, TBPTT windows and fetching PTB."""
 import hashlib
+import os
 import http.server
 import threading
 from functools import partial
@@ -58,8 +59,29 @@ def test_a_text_with_every_word_seen_gets_no_unk(tmp_path):
 
 
 def test_a_checkpoints_vocabulary_without_unk_cannot_read_new_words(tmp_path):
-    with pytest.raises(DataError, match=r"valid.txt has 2 word\(s\) not in the training vocabulary \(yak, zebra\)"):
+    with pytest.raises(DataError, match=r"valid.txt has 2 word\(s\) not in the training vocabulary \(yak, zebra\) "
+                                        r".*: a trained model scores only words it knows: replace them with <unk>"):
         Corpus(_write(tmp_path, "a b\n", valid="zebra a yak\n"), Dictionary(["a", "b", "<eos>"]))
+
+
+def test_evaluating_one_split_reads_only_that_split(tmp_path):
+    # train.txt full of words the model never learnt (and even a test.txt that is no file) do not stop
+    # a validation score, which reads valid.txt alone.
+    folder = _write(tmp_path, "zebra yak\n", valid="a b a\n")
+    (folder / "test.txt").unlink()
+    (folder / "test.txt").mkdir()
+    corpus = Corpus(folder, Dictionary(["a", "b", "<eos>"]), splits=("valid",))
+    assert corpus.valid.tolist() == [0, 1, 0, 2] and corpus.out_of_vocabulary == {"valid": 0}
+    assert not hasattr(corpus, "train")
+
+
+@pytest.mark.parametrize("make", [lambda path: path.mkdir(), lambda path: os.mkfifo(path)], ids=["folder", "fifo"])
+def test_a_split_that_is_no_regular_file_is_named(tmp_path, make):
+    folder = _write(tmp_path, "a b\n")
+    (folder / "train.txt").unlink()
+    make(folder / "train.txt")
+    with pytest.raises(DataError, match="train.txt is not a regular file"):
+        Corpus(folder)
 
 
 @pytest.mark.parametrize("train, cap, vocabulary", [

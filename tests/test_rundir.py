@@ -17,6 +17,7 @@ from fastlm.config import TrainConfig
 from fastlm.errors import RunFolderError, TrainingError
 from fastlm.train import main as train_main
 from fastlm.training import rundir as run_module
+from fastlm.training import trainer as trainer_module
 from fastlm.training.rundir import RunFolder
 from fastlm.training.trainer import train
 
@@ -90,7 +91,7 @@ def test_a_folder_with_only_the_records_of_a_run_says_how_to_start_over(corpus_d
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"split": "train", "global_step": 1, "loss": NaN}\n')
     code, err = cli(["--data", corpus_dir, "--out", run, "--device", "cpu"], capsys)
-    assert code == 2 and "holds the records of a run that saved no checkpoint" in err and "remove" in err
+    assert code == 2 and "holds a metrics.jsonl but no checkpoint" in err and "remove" in err
 
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(corpus_dir, tmp_path):
@@ -327,3 +328,53 @@ def test_bad_input_leaves_no_folder_it_created(corpus_dir, tmp_path, capsys):
     (tmp_path / "kept").mkdir()
     code, err = cli(["--data", tmp_path / "no-corpus", "--out", tmp_path / "kept" / "run", "--device", "cpu"], capsys)
     assert code == 2 and (tmp_path / "kept").is_dir(), "a folder that was there stays"
+
+
+def test_a_run_file_that_is_a_fifo_is_refused_instead_of_blocking(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(corpus_dir, run, max_steps=3))
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")  # a write to it would wait for a reader forever
+    code, err = cli(["--resume", run, "--max-steps", 5], capsys)
+    assert code == 2 and f"{run / 'metrics.jsonl'} is not a regular file" in err
+
+
+def test_a_refused_folder_that_is_not_a_run_keeps_nothing_of_the_attempt(corpus_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my own notes, not JSON\n")
+    code, err = cli(["--data", corpus_dir, "--out", mine, "--device", "cpu"], capsys)
+    assert code == 2 and "holds a metrics.jsonl but no checkpoint" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl"], "no .lock left behind"
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "8"), ("num_layers", -1), ("seq_len", 2.5), ("data", 7)])
+def test_a_checkpoint_with_config_values_fastlm_never_writes_is_one_line(tiny_run, tmp_path, capsys, key, value):
+    from fastlm.evaluate import main as evaluate_main
+    from fastlm.sample import main as sample_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    _tamper(run, lambda c: c["config"].update({key: value}))
+    for main, argv in [(train_main, ["--resume", run]), (evaluate_main, ["--checkpoint", run, "--device", "cpu"]),
+                       (sample_main, ["--checkpoint", run, "--out", tmp_path / "s.txt", "--device", "cpu"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, [str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, (main.__module__, err)
+        assert f"has config[{key!r}] = {value!r}, which fastlm never writes" in err, (main.__module__, err)
+
+
+def test_a_resume_into_a_new_folder_says_when_it_has_no_best_weights_to_test(corpus_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    train(tiny(corpus_dir, first, epochs=1))
+    capsys.readouterr()
+    real_validate = trainer_module.Run.validate
+    trainer_module.Run.validate = lambda self, data: (real_validate(self, data), 99.0)[1]  # never better
+    try:
+        train(TrainConfig(), resume=str(first), overrides={"out": str(tmp_path / "second"), "epochs": 2})
+    finally:
+        trainer_module.Run.validate = real_validate
+    out = capsys.readouterr().out
+    assert "No test of the best weights: validation never improved on the run's best in" in out

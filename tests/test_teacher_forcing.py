@@ -165,6 +165,17 @@ def test_an_out_that_is_a_file_is_refused(corpus_dir, tmp_path, capsys, experime
     assert out.read_text() == "my notes\n"
 
 
+@pytest.mark.parametrize("experiment, extra, message", [
+    ("teacher-forcing", ["--pair", "zebra/w1"], "--pair: 'zebra' not in the vocabulary"),
+    ("detach", ["--chunks", "100000"], "--chunks"),
+], ids=["unknown-pair-word", "too-many-chunks"])
+def test_a_failed_comparison_leaves_no_folder_it_made(corpus_dir, tmp_path, capsys, experiment, extra, message):
+    out = tmp_path / "new" / "deeper" / "report"
+    code, printed = _run([experiment, "--data", str(corpus_dir), "--out", str(out), *TINY, *extra], capsys)
+    assert code == 2 and message in printed.err, printed.err
+    assert not (tmp_path / "new").exists(), "the report folder and the parents made for it are gone"
+
+
 def test_evaluate_refuses_a_batch_that_scores_nothing_or_is_not_positive(tiny_run, capsys):
     from fastlm.evaluate import main as evaluate_main
 

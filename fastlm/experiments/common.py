@@ -1,7 +1,9 @@
 """What the experiments share: a fresh report folder, the corpus a config names."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from fastlm.config import TrainConfig
 from fastlm.data import Corpus, load_corpus
@@ -22,6 +24,21 @@ def fresh_folder(out_dir: Path) -> Path:
     except OSError as err:
         raise TrainingError(f"cannot create --out {out_dir} ({err.strerror or err}): pass another folder") from None
     return out_dir
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out_dir: Path) -> Iterator[None]:
+    """Around an experiment: when it fails or is interrupted, the report folder and the parents it
+    created for it are removed again if they are empty (what the arms already saved stays)."""
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
 
 
 def corpus_of(cfg: TrainConfig) -> Corpus:

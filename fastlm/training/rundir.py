@@ -92,6 +92,7 @@ class RunFolder:
     def open(self, fresh: bool) -> None:
         # the folders this call creates (the run folder and missing parents), for `remove_if_unused`
         self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        new_lock = not (self.path / ".lock").exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / ".lock", "a+")
@@ -111,17 +112,27 @@ class RunFolder:
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
         self._lock = lock
-        if fresh and ((self.path / CHECKPOINT).exists() or (self.path / BEST).exists()):
+        problem = self._unusable(fresh)
+        if problem is not None:
             self.close()
-            raise TrainingError(f"{self.path} already holds a run: continue it with --resume {self.path}, "
-                                "or pick another --out")
-        if fresh and (self.path / METRICS).exists():
-            self.close()
-            raise TrainingError(f"{self.path} holds the records of a run that saved no checkpoint (it diverged or was "
-                                f"stopped early): remove {self.path / METRICS}, or pick another --out")
+            if new_lock:  # a folder that is not ours keeps nothing of this attempt
+                (self.path / ".lock").unlink(missing_ok=True)
+            raise TrainingError(problem)
         for name in RUN_FILES:  # only the lock holder writes them, so their temporary files are stale
             for stale in self.path.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
+
+    def _unusable(self, fresh: bool) -> str | None:
+        """Why the folder cannot take this run, if it cannot."""
+        odd = next((path for path in map(self.path.joinpath, RUN_FILES) if path.exists() and not path.is_file()), None)
+        if odd is not None:  # a FIFO would block the run at its first write, a folder fail it at its first save
+            return f"{odd} is not a regular file: a run folder's {odd.name} must be one; remove it, or pick another --out"
+        if fresh and ((self.path / CHECKPOINT).exists() or (self.path / BEST).exists()):
+            return f"{self.path} already holds a run: continue it with --resume {self.path}, or pick another --out"
+        if fresh and (self.path / METRICS).exists():
+            return (f"{self.path} holds a {METRICS} but no checkpoint (a run that diverged or stopped early, or a file "
+                    f"of yours): remove {self.path / METRICS}, or pick another --out")
+        return None
 
     def close(self) -> None:
         if self._lock is not None:

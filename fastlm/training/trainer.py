@@ -244,6 +244,8 @@ class Run:
             self.result.best_test_ppl = perplexity(self.validate(self.test_data))
             self.say(f"Test perplexity (best validation, {self.run_dir / BEST}): {self.result.best_test_ppl:.2f}")
             self.record(split="test", weights="best", global_step=self.global_step, ppl=self.result.best_test_ppl)
+        else:  # resumed into a new --out whose validation never beat the run's best: best.pt stayed behind
+            self.say(f"No test of the best weights: validation never improved on the run's best in {self.run_dir}")
 
     # -- what the loop's steps share ---------------------------------------------------------------
 
