@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/compare-{args.experiment}-{stamp}")
     if args.experiment == "teacher-forcing":
-        check_teacher_forcing_flags(p, base, args)
+        check_teacher_forcing_flags(tf, base, args)
         pairs = [tuple(pair.split("/")) for pair in (args.pair or ["army/taxpayer"])]
         bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
         if bad is not None:
-            p.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+            tf.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
         if args.eval_tokens is not None and args.eval_tokens < 1:
-            p.error(f"--eval-tokens must be at least 1, got {args.eval_tokens}")
+            tf.error(f"--eval-tokens must be at least 1, got {args.eval_tokens}")
         if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
-            p.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
+            tf.error(f"--target-ppl must be a finite perplexity above 1, got {args.target_ppl}")
         with removed_if_left_empty(out):
             report = compare_teacher_forcing(base, args.steps, out, args.free_running, args.schedule,
                                              args.target_ppl, pairs, seeds=args.seeds,

@@ -153,6 +153,8 @@ def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_p
                                 "--device", "cpu", *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    if err.endswith("--help)\n"):  # the help that describes the flag
+        assert err.endswith("(see python -m fastlm.compare teacher-forcing --help)\n"), err
 
 
 @pytest.mark.parametrize("experiment", ["teacher-forcing", "detach"])
