@@ -1,7 +1,7 @@
 """Data: vocabulary, splits, batchify, TBPTT windows and fetching PTB."""
 import hashlib
-import os
 import http.server
+import os
 import threading
 from functools import partial
 

@@ -16,7 +16,7 @@ from fastlm.checkpoint import load_checkpoint
 from fastlm.cli import run_main
 from fastlm.config import TrainConfig
 from fastlm.data import Corpus, batchify, tbptt_windows
-from fastlm.device import use_device
+from fastlm.device import SIMULATE_ENV, use_device
 from fastlm.models.lm import RNNLM
 from fastlm.models.lstm import recurrence_dtype
 from fastlm.scoring import evaluate
@@ -219,7 +219,7 @@ def _tiny(corpus_dir, out, **changes) -> TrainConfig:
 def _train_simulating_graphs(monkeypatch, simulate: bool, *args, **kwargs):
     with monkeypatch.context() as patched:
         if simulate:
-            patched.setenv(graphs.SIMULATE_ENV, "1")
+            patched.setenv(SIMULATE_ENV, "1")
         return train(*args, **kwargs)
 
 
@@ -386,7 +386,7 @@ WORLD = types.SimpleNamespace(enabled=False)
 ], ids=["cpu", "simulated", "no-cuda-graphs", "ddp", "fp16", "free-running", "schedule"])
 def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, expected, said):
     if simulate:
-        monkeypatch.setenv(graphs.SIMULATE_ENV, "1")
+        monkeypatch.setenv(SIMULATE_ENV, "1")
     cfg = TrainConfig(device="cpu", **changes)
     scaler = torch.amp.GradScaler("cpu") if cfg.amp == "fp16" else None
     lines = []
@@ -399,7 +399,7 @@ def test_which_runs_capture_their_step(monkeypatch, changes, world, simulate, ex
 
 def test_the_cli_trains_with_cuda_graph_semantics_on_the_cpu_behind_the_test_switch(corpus_dir, tmp_path, monkeypatch,
                                                                                     capsys, replays):
-    monkeypatch.setenv(graphs.SIMULATE_ENV, "1")
+    monkeypatch.setenv(SIMULATE_ENV, "1")
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_main, ["--data", str(corpus_dir), "--out", str(tmp_path / "r"), "--device", "cpu",
                               "--cuda-graphs", "--embed-size", "8", "--hidden-size", "16", "--batch-size", "4",

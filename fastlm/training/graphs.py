@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from fastlm.device import SIMULATE_ENV, cuda_graphs_available  # noqa: F401 (SIMULATE_ENV: the tests' switch)
+from fastlm.device import cuda_graphs_available
 from fastlm.training.simulated_graphs import Buffers, SimulatedGraphs
 
 WARMUP_STEPS = 3  # eager iterations on a side stream before capture, as torch.cuda.graphs documents

@@ -88,9 +88,9 @@ class RunFolder:
         self.path = Path(path)
         self.saved_step = saved_step  # the global step its checkpoint.pt holds, None while there is none
         self._lock = None
+        self._created = [self.path]  # the folders `open` made (the run folder and missing parents)
 
     def open(self, fresh: bool) -> None:
-        # the folders this call creates (the run folder and missing parents), for `remove_if_unused`
         self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         new_lock = not (self.path / ".lock").exists()
         try:
@@ -144,7 +144,7 @@ class RunFolder:
         and the parents `open` created for it, as long as they are empty."""
         if self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
             (self.path / ".lock").unlink()
-            for folder in getattr(self, "_created", [self.path]):
+            for folder in self._created:
                 if any(folder.iterdir()):
                     break
                 folder.rmdir()
