@@ -5,6 +5,7 @@ language model, so a checkpoint of either loads into the other.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,14 +68,16 @@ class RNNLM(nn.Module):
                    locked_dropout=cfg.get("locked_dropout", False), weight_drop=cfg.get("weight_drop", 0.0),
                    tied=cfg.get("tied", False), init_range=cfg.get("init_range"))
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, tokens: Tensor, state: State | None = None, return_features: bool = False
+                ) -> tuple[Tensor, State] | tuple[Tensor, State, Tensor]:
+        """`return_features` adds what the output layer reads, (B, T, H): the continuous cache's keys."""
         if tokens.dim() != 2:
             raise ValueError(f"RNNLM expects token ids of shape (batch, seq), got rank {tokens.dim()}")
         x = sequence_dropout(self.embed(tokens), self.dropout, self.training, self.locked_dropout)
         out, state = self.lstm(x, state)
         out = sequence_dropout(out, self.dropout, self.training, self.locked_dropout)
         logits = self.linear(out.reshape(-1, out.shape[-1]))
-        return logits, state
+        return (logits, state, out) if return_features else (logits, state)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero (h, c) for a batch, in the model's dtype, on its device unless told otherwise."""
@@ -83,6 +86,20 @@ class RNNLM(nn.Module):
         device = weight.device if device is None else device
         return (torch.zeros(shape, device=device, dtype=weight.dtype),
                 torch.zeros(shape, device=device, dtype=weight.dtype))
+
+
+@contextlib.contextmanager
+def learning_without_dropout(model: RNNLM):
+    """Training mode with every dropout off, for learning at evaluation time (dynamic evaluation):
+    the scores are the deterministic model's, and cuDNN's LSTM runs its backward only in training mode."""
+    saved = model.dropout, model.lstm.layer_dropout, model.lstm.weight_drop, model.training
+    model.dropout = model.lstm.layer_dropout = model.lstm.weight_drop = 0.0
+    model.train()
+    try:
+        yield model
+    finally:
+        model.dropout, model.lstm.layer_dropout, model.lstm.weight_drop = saved[:3]
+        model.train(saved[3])
 
 
 def parameter_count(cfg, vocab_size: int) -> int:

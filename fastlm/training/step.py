@@ -89,13 +89,17 @@ class TrainStep:
 
     `graphs` (a `GraphAPI`) captures the step; None runs it eagerly. The optimizer must be
     capturable for a capture. `amp_dtype` turns on autocast; `scaler` (a GradScaler, for float16)
-    only runs eagerly, since its inf check reads a flag on the host.
+    only runs eagerly, since its inf check reads a flag on the host. `keep_outputs` keeps each
+    step's forward, `outputs` = (logits (B·T, V), features (B, T, H)), computed before the update
+    (dynamic evaluation scores them).
     """
 
     def __init__(self, model: RNNLM, optimizer: torch.optim.Optimizer, batch_size: int, seq_len: int,
-                 clip: float, amp_dtype: torch.dtype | None = None, graphs: GraphAPI | None = None, scaler=None):
+                 clip: float, amp_dtype: torch.dtype | None = None, graphs: GraphAPI | None = None, scaler=None,
+                 keep_outputs: bool = False):
         if graphs is not None and scaler is not None:
             raise ValueError("a GradScaler cannot run inside a CUDA graph: run float16 eagerly")
+        self.keep_outputs, self.outputs = keep_outputs, None
         self.model, self.optimizer, self.clip, self.amp_dtype, self.scaler = model, optimizer, clip, amp_dtype, scaler
         lm = getattr(model, "module", model)  # the RNNLM, also inside DistributedDataParallel
         self.device = device = lm.linear.weight.device
@@ -116,7 +120,11 @@ class TrainStep:
 
     def _step(self) -> None:
         with autocast(self.device_type, self.amp_dtype):
-            logits, (h, c) = self.model(self.inputs, (self.h, self.c))
+            if self.keep_outputs:
+                logits, (h, c), features = self.model(self.inputs, (self.h, self.c), return_features=True)
+                self.outputs = logits.detach(), features.detach()
+            else:
+                logits, (h, c) = self.model(self.inputs, (self.h, self.c))
             loss = F.cross_entropy(logits, self.targets.reshape(-1))
         update(self.model, self.optimizer, loss, self.clip, self.scaler, free_grads=self.free_grads)
         self.loss_sum += loss.detach()
@@ -147,7 +155,7 @@ class TrainStep:
                 for _ in range(WARMUP_STEPS):
                     self._step()
             self.graph = graphs.capture(self._step, self._buffers)
-            self._replayed_state = self.new_h, self.new_c  # the capture's outputs: each replay rewrites them
+            self._replayed = self.new_h, self.new_c, self.outputs  # the capture's outputs: each replay rewrites them
         except BaseException:
             before.restore_all(self)  # the eager fallback starts from the same model
             raise
@@ -217,7 +225,7 @@ class TrainStep:
             if self._learning_rates() != self._captured_lrs:  # a graph replays the rate it was captured with
                 raise RuntimeError("the learning rate changed since the step was captured: capture it again")
             self.graph.replay()
-            self.new_h, self.new_c = self._replayed_state
+            self.new_h, self.new_c, self.outputs = self._replayed
         else:
             self._step()
 
@@ -249,6 +257,19 @@ class TrainStep:
         value = self.loss_sum.item()
         self.loss_sum.zero_()
         return value
+
+
+def try_capture(make_step: Callable[[], TrainStep], first_window: tuple[torch.Tensor, torch.Tensor],
+                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[TrainStep | None, str | None]:
+    """A captured step from `make_step`, started from `state` and checked on `first_window`: (step, None),
+    or (None, why not) when the capture or its check failed (the model and optimizer as they were)."""
+    try:
+        step = make_step()
+        step.reset_state(state)
+        problem = step.check_replay(*first_window)
+    except Exception as err:  # capture can fail on an unsupported op (or a Triton error); eager is the same math
+        return None, f"the capture failed ({first_line(err)})"
+    return (step, None) if problem is None else (None, problem)
 
 
 def _graphs_for(cfg: TrainConfig, device: torch.device, world: distributed.World, scaler, say) -> GraphAPI | None:
@@ -290,13 +311,9 @@ def build_train_step(model: RNNLM, cfg: TrainConfig, *, device: torch.device, wo
     if graphs is None:
         return TrainStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype, None, scaler), optimizer, \
             model.lstm.backend
-    try:
-        step = TrainStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype, graphs)
-        step.reset_state(state)
-        problem = step.check_replay(*first_window)
-    except Exception as err:  # capture can fail on an unsupported op (or a Triton error); eager is the same math
-        problem = f"the capture failed ({first_line(err)})"
-    if problem is None:
+    step, problem = try_capture(lambda: TrainStep(net, optimizer, batch_size, cfg.seq_len, cfg.clip, amp_dtype, graphs),
+                                first_window, state)
+    if step is not None:
         return step, optimizer, model.lstm.backend
     optimizer = make_optimizer(model, cfg.lr, capturable=False, state=optimizer.state_dict(), kind=cfg.optimizer)
     backend = resolve_backend(cfg.backend, device, amp_dtype, graphed=False)
