@@ -26,7 +26,7 @@ from fastlm.data import tbptt_windows
 from fastlm.device import autocast
 from fastlm.models.lm import RNNLM, learning_without_dropout
 
-RULES = ("rms", "sgd")
+RULES = ("sgd", "rms")
 RMS_TOKENS = 20_000  # training tokens the gradient RMS is measured on
 RMS_FLOOR = 0.1  # a weight's ρ is at least this fraction of its tensor's mean (see `gradient_rms`)
 
@@ -35,7 +35,7 @@ RMS_FLOOR = 0.1  # a weight's ρ is at least this fraction of its tensor's mean 
 class DynamicSettings:
     lr: float  # η
     decay: float  # λ
-    rule: str = "rms"
+    rule: str = "sgd"
     seq_len: int = 5  # tokens per segment: the model adapts after each
 
     def describe(self) -> str:
