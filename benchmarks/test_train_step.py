@@ -55,7 +55,7 @@ from benchmarks import classic
 from benchmarks.classic import VOCAB, classic_step, load_windows
 from benchmarks.conftest import CUDA, DEVICE, GPU_PATH, REHEARSAL, matmul_gflops, matmul_rate, synchronize
 from fastlm.config import TrainConfig
-from fastlm.device import check_cpu_can_multiply, cpu_multiplies_bf16, is_retaining_freed_memory, retain_freed_memory
+from fastlm.device import check_cpu_can_multiply, cpu_bf16_unit, is_retaining_freed_memory, retain_freed_memory
 from fastlm.errors import TrainingError
 from fastlm.models.lm import RNNLM
 from fastlm.training.graphs import graph_api
@@ -222,8 +222,8 @@ def test_fastlm_bf16(benchmark, record, windows, plain_step, plain_elsewhere):
     backend = "triton" if capture else "torch"  # what --backend auto picks for this run
     fields = _run(benchmark, _fastlm_step(windows, torch.bfloat16, capture, backend), plain_step, plain_elsewhere)
     name = "fastlm-graphs-bf16" if capture else "fastlm-bf16"
-    amx_bf16 = DEVICE == "cpu" and cpu_multiplies_bf16()
-    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), amx_bf16=amx_bf16, backend=backend,
+    bf16_unit = cpu_bf16_unit() if DEVICE == "cpu" else None
+    record(GROUP, name, benchmark, data=windows[1], allocator=allocator(), bf16_unit=bf16_unit, backend=backend,
            **fields)
 
 

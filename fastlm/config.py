@@ -207,6 +207,3 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
         if scheduled_sampling(cfg):
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")
-        if cfg.dropout or cfg.weight_drop:
-            raise TrainingError("dropout and weight drop are not supported under torchrun yet (every rank would draw "
-                                "the same masks for its rows): train them in one process")

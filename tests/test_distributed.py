@@ -6,8 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +18,35 @@ import torch.distributed as dist
 
 from fastlm.checkpoint import load_checkpoint
 from fastlm.config import TrainConfig, check_config
+from fastlm.device import cpu_bf16_unit
 from fastlm.errors import TrainingError
-from fastlm.training.distributed import World, leave
+from fastlm.models.lstm import sequence_dropout
+from fastlm.train import main as train_main
+from fastlm.training.distributed import World, fresh_namespace, leave
 from fastlm.training.trainer import train
 
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "8", "--seq-len", "5", "--lr", "0.01",
         "--log-interval", "1", "--eval-batch-size", "4", "--device", "cpu", "--epochs", "1"]
 
 
-def torchrun(nproc, *argv, env=None, wait=True):
+WORKERS = Path(__file__).parent / "workers"
+
+
+def torchrun(nproc, *argv, env=None, wait=True, restarts=0, program=("-m", "fastlm.train")):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--max-restarts=0", "-m", "fastlm.train", *argv]
+               f"--max-restarts={restarts}", *program, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def free_port():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 def records(run, split):
@@ -50,11 +65,8 @@ def test_rows_are_split_evenly_or_refused(flag, rows):
 def test_leaving_frees_ddp_before_its_process_group(monkeypatch):
     # Once seen as an abort of one rank in ~1 of 20 two-rank runs, after training had finished:
     # DDP outlived the process group it holds and was freed during interpreter shutdown.
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     destroy = dist.destroy_process_group
     gc.disable()  # so that only `leave` can run the cyclic collector
@@ -79,6 +91,20 @@ def test_leaving_frees_ddp_before_its_process_group(monkeypatch):
         gc.enable()
         if dist.is_initialized():
             destroy()
+
+
+def test_a_restarted_job_forms_its_group_under_a_namespace_of_its_own():
+    store = dist.HashStore()  # torchrun's store, as the killed attempt left it
+    store.set("fastlm/namespace", "fastlm/last-attempt")
+    store.set("fastlm/last-attempt/hello/1", "last-attempt-token")
+    namespaces = {}
+    wait = timedelta(seconds=30)
+    rank1 = threading.Thread(target=lambda: namespaces.setdefault(1, fresh_namespace(store, 1, 2, wait)))
+    rank1.start()
+    time.sleep(0.5)  # rank 1 read the last attempt's namespace and waits there in vain
+    namespaces[0] = fresh_namespace(store, 0, 2, wait)
+    rank1.join(timeout=30)
+    assert namespaces[0] == namespaces[1] and namespaces[0] != "fastlm/last-attempt"
 
 
 def test_two_ranks_train_like_one_process(corpus_dir, tmp_path):
@@ -109,6 +135,13 @@ def test_a_two_rank_run_resumes_in_one_process(corpus_dir, tmp_path):
     assert first + resumed.train_losses == pytest.approx(straight, rel=1e-5)
 
 
+def test_a_bad_resume_stops_every_rank_with_rank_0s_message(tmp_path):
+    proc = torchrun(2, "--resume", str(tmp_path / "missing"), wait=False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count(f"error: no checkpoint at {tmp_path / 'missing'}") == 1, err[-2000:]
+
+
 def test_a_dying_rank_ends_the_run_instead_of_hanging(corpus_dir, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(2, "--data", str(corpus_dir), *TINY, "--epochs", "1000", "--out", str(run),
@@ -123,3 +156,93 @@ def test_a_dying_rank_ends_the_run_instead_of_hanging(corpus_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.monotonic() - start < 90
     assert "fastlm.train FAILED" in err or "ChildFailedError" in err or "SIGKILL" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["per-element", "locked"])
+def test_each_rank_drops_its_rows_of_the_one_process_mask(locked):
+    x, p, ranks = torch.randn(6, 4, 5), 0.4, 3
+    torch.manual_seed(7)
+    if locked:  # one mask per row and feature, for every time step
+        expected = x * (torch.empty(6, 1, 5).bernoulli_(1 - p) / (1 - p))
+    else:  # torch's own dropout in one process
+        expected = torch.nn.functional.dropout(x, p, training=True)
+    shards = []
+    for rank in range(ranks):
+        torch.manual_seed(7)  # every rank's generator starts alike
+        shards.append(sequence_dropout(x[2 * rank:2 * rank + 2], p, True, locked, shard=(rank, ranks)))
+    assert torch.equal(torch.cat(shards), expected)
+
+
+REGULARISED = {  # the recipe's own flags with tiny shapes, then every kind of dropout on top
+    "small-recipe-sgd-locked-weight-drop": ["--recipe", "small", "--embed-size", "16", "--hidden-size", "16",
+                                            "--lr", "5", "--dropout", "0.3", "--locked-dropout", "--weight-drop",
+                                            "0.2"],
+    "adam-two-layers-dropout": ["--embed-size", "16", "--hidden-size", "32", "--num-layers", "2", "--lr", "0.01",
+                                "--dropout", "0.3"],
+}
+
+
+@pytest.mark.parametrize("regularisation", REGULARISED.values(), ids=REGULARISED.keys())
+def test_two_ranks_drop_out_exactly_like_one_process(corpus_dir, tmp_path, regularisation):
+    argv = ["--data", str(corpus_dir), *regularisation, "--batch-size", "8", "--seq-len", "5", "--log-interval", "1",
+            "--eval-batch-size", "4", "--device", "cpu", "--epochs", "1", "--max-steps", "8"]
+    proc = torchrun(2, *argv, "--out", str(tmp_path / "two"))
+    assert proc.stdout.count("--amp bf16 trains") == (cpu_bf16_unit() is not None)  # rank 0's hint, once
+    assert train_main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one, two = ([r["loss"] for r in records(tmp_path / run, "train")] for run in ("one", "two"))
+    assert len(two) == 8 and two == pytest.approx(one, rel=1e-5)
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6), name
+
+
+def two_machines(*argv, cwd, restarts=0, program=("-m", "fastlm.train"), env=None):
+    """Two torchrun agents meeting at a c10d rendezvous, as on two machines, each in its folder of
+    `cwd`; their outputs, once both succeeded."""
+    endpoint, agents = f"127.0.0.1:{free_port()}", []
+    for machine in cwd:
+        machine.mkdir(exist_ok=True)
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastlm-test",
+             f"--max-restarts={restarts}", *program, *argv], cwd=machine, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    return "".join(outputs)
+
+
+@pytest.mark.parametrize("machines", [1, 2], ids=["one-machine", "two-machines"])
+def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint(corpus_dir, tmp_path, machines):
+    # On two machines the restart counts torchrun passes differ, and the run folder is shared.
+    argv = ["--data", str(corpus_dir), *TINY, "--epochs", "2", "--log-interval", "10"]
+    launch = dict(restarts=1, program=[str(WORKERS / "rank1_dies_once.py")],
+                  env={"DIES_ONCE_MARKER": str(tmp_path / "rank-1-died")})
+    if machines == 1:
+        output = torchrun(2, *argv, "--out", str(tmp_path / "restarted"), **launch).stdout
+    else:
+        output = two_machines(*argv, "--out", str(tmp_path / "restarted"), cwd=[tmp_path / "a", tmp_path / "b"],
+                              **launch)
+    assert (tmp_path / "rank-1-died").exists() and "torchrun restarted job" in output
+    assert train_main([*argv, "--out", str(tmp_path / "uninterrupted")]) == 0
+    for split in ("train", "valid", "test"):  # the killed attempt's records of epoch 2 are gone
+        restarted, uninterrupted = (records(tmp_path / run, split) for run in ("restarted", "uninterrupted"))
+        assert [r["global_step"] for r in restarted] == [r["global_step"] for r in uninterrupted], split
+        assert [r["loss" if split != "test" else "ppl"] for r in restarted] == pytest.approx(
+            [r["loss" if split != "test" else "ppl"] for r in uninterrupted], rel=1e-5), split
+    a, b = load_checkpoint(tmp_path / "uninterrupted"), load_checkpoint(tmp_path / "restarted")
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_two_machines_train_like_one_process(corpus_dir, tmp_path):
+    # Each machine works in a folder of its own: the relative --out lands on rank 0's side only, and
+    # best.pt is read there alone.
+    machines = [tmp_path / "machine-a", tmp_path / "machine-b"]
+    two_machines("--data", str(corpus_dir), *TINY, "--out", "run", cwd=machines)  # a whole epoch: saved, tested
+    runs = [machine / "run" for machine in machines if (machine / "run").exists()]
+    assert len(runs) == 1, runs  # rank 0's machine alone holds the run folder
+    one = train(TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, batch_size=8, seq_len=5, lr=0.01,
+                            log_interval=1, eval_batch_size=4, device="cpu", epochs=1, out=str(tmp_path / "one")))
+    assert [r["loss"] for r in records(runs[0], "train")] == pytest.approx(one.train_losses, rel=1e-5)
+    assert [r["ppl"] for r in records(runs[0], "test")] == pytest.approx([one.test_ppl, one.best_test_ppl], rel=1e-5)

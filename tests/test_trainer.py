@@ -45,9 +45,9 @@ def test_training_learns_the_corpus(corpus_dir, tmp_path):
     assert result.test_ppl is not None and result.best_test_ppl is not None
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx-cpu", "plain-cpu"])
-def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, tmp_path, monkeypatch, capsys, amx):
-    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx)
+@pytest.mark.parametrize("unit", ["AMX_BF16", "AVX512_BF16", None], ids=["amx-cpu", "avx512-bf16-cpu", "plain-cpu"])
+def test_cpu_default_stays_fp32_and_points_at_bf16_where_units_exist(corpus_dir, tmp_path, monkeypatch, capsys, unit):
+    monkeypatch.setattr(device, "cpu_bf16_unit", lambda: unit)
     amp_dtypes = []
 
     class RecordingStep(step.TrainStep):
@@ -58,7 +58,7 @@ def test_cpu_default_stays_fp32_and_points_at_bf16_where_amx_exists(corpus_dir, 
     monkeypatch.setattr(step, "TrainStep", RecordingStep)
     train(tiny(corpus_dir, tmp_path / "run", epochs=1))
     assert amp_dtypes == [None], "the CPU default must train in float32 (no autocast)"
-    assert ("--amp bf16" in capsys.readouterr().out) == amx
+    assert ("--amp bf16" in capsys.readouterr().out) == (unit is not None)
 
 
 def test_training_time_leaves_out_checkpoint_writes(corpus_dir, tmp_path, monkeypatch, capsys):
@@ -228,7 +228,8 @@ def _cli(main, argv, capsys):
         pytest.param(["--device", "xpu"], "fastlm runs on cpu or cuda, not xpu", id="device-xpu"),
         pytest.param(["--seed", str(10**24)], "--seed must be between 0 and 2**63 - 1", id="seed-too-big"),
         pytest.param(["--lr", "inf"], "--lr and --clip must be positive and finite", id="lr-inf"),
-        pytest.param(["--hidden-size", "300000"], "training this model needs at least 5", id="model-too-big-for-memory"),
+        pytest.param(["--hidden-size", "300000"], "training this model needs at least 5",
+                     id="model-too-big-for-memory"),
         pytest.param(["--num-layers", "100000"], "use a smaller --hidden-size, --embed-size, --num-layers,",
                      id="too-many-layers"),
         pytest.param(["--eval-batch-size", "400"], "valid.txt's 262 tokens cannot fill 400 rows: use a smaller "

@@ -73,11 +73,17 @@ class RNNLM(nn.Module):
         """`return_features` adds what the output layer reads, (B, T, H): the continuous cache's keys."""
         if tokens.dim() != 2:
             raise ValueError(f"RNNLM expects token ids of shape (batch, seq), got rank {tokens.dim()}")
-        x = sequence_dropout(self.embed(tokens), self.dropout, self.training, self.locked_dropout)
+        shard = self.lstm.shard
+        x = sequence_dropout(self.embed(tokens), self.dropout, self.training, self.locked_dropout, shard)
         out, state = self.lstm(x, state)
-        out = sequence_dropout(out, self.dropout, self.training, self.locked_dropout)
+        out = sequence_dropout(out, self.dropout, self.training, self.locked_dropout, shard)
         logits = self.linear(out.reshape(-1, out.shape[-1]))
         return (logits, state, out) if return_features else (logits, state)
+
+    def shard_batch(self, rank: int, ranks: int) -> None:
+        """Under torchrun: this replica sees rows rank·B … (rank+1)·B of a global batch of ranks·B
+        rows, and takes its dropout masks from ones drawn for all of them (`sequence_dropout`)."""
+        self.lstm.shard = (rank, ranks)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero (h, c) for a batch, in the model's dtype, on its device unless told otherwise."""

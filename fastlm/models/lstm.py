@@ -71,15 +71,21 @@ def recurrence_dtype(device_type: str, autocast_dtype: torch.dtype) -> torch.dty
     return torch.float32 if device_type == "cpu" else autocast_dtype
 
 
-def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool) -> Tensor:
+def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool, shard: tuple[int, int] = (0, 1)) -> Tensor:
     """Dropout on (B, T, F) activations: a fresh mask per element, or with `locked` (variational
-    dropout) one mask per row shared by all T time steps of the window. Identity in eval."""
+    dropout) one mask per row shared by all T time steps of the window. Identity in eval.
+
+    `shard` (rank, ranks): under torchrun x holds rows rank·B … (rank+1)·B of a global batch of
+    ranks·B rows. The mask is drawn for the whole global batch, from the generator every rank seeds
+    alike, and each rank keeps its rows: N ranks drop exactly what one process would. (On the CPU
+    the mask is also the one `F.dropout` draws: a contiguous bernoulli tensor in row-major order.)
+    """
     if not training or p == 0:
         return x
-    if not locked:  # contiguous: the mask follows memory order, and torch's LSTM returns time-major memory
-        return F.dropout(x.contiguous(), p, training=True)
-    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
-    return x * mask
+    rank, ranks = shard
+    rows = x.shape[0]
+    mask = x.new_empty(rows * ranks, 1 if locked else x.shape[1], x.shape[2]).bernoulli_(1 - p)
+    return x * (mask[rank * rows:(rank + 1) * rows] / (1 - p))
 
 
 class LSTM(nn.LSTM):
@@ -93,6 +99,8 @@ class LSTM(nn.LSTM):
             for the whole window).
         weight_drop: DropConnect on W_hh (AWD-LSTM): in training each forward call, that is each
             window, multiplies W_hh by one fresh mask.
+        shard: (rank, ranks) under torchrun, for `sequence_dropout`; weight drop needs none, as
+            every rank draws the same W_hh mask from the same generator state.
 
     Shapes: x (B, T, E) → out (B, T, H); h0, c0, hN, cN (L, B, H).
     """
@@ -113,6 +121,7 @@ class LSTM(nn.LSTM):
         super().__init__(input_size, hidden_size, num_layers, batch_first=batch_first, device=device, dtype=dtype)
         self.backend = backend
         self.layer_dropout, self.locked_dropout, self.weight_drop = dropout, locked_dropout, weight_drop
+        self.shard = (0, 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -152,7 +161,8 @@ class LSTM(nn.LSTM):
         final_h, final_c = [], []
         for k in range(self.num_layers):
             if k > 0:
-                layer_input = sequence_dropout(layer_input, self.layer_dropout, self.training, self.locked_dropout)
+                layer_input = sequence_dropout(layer_input, self.layer_dropout, self.training, self.locked_dropout,
+                                               self.shard)
             w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih",
                                                                                    "bias_hh"))
             if self.training and self.weight_drop:

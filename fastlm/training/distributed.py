@@ -5,16 +5,28 @@ joins the process group (NCCL on CUDA, gloo on the CPU). The global batch stays 
 rank r owns the contiguous block of rows r·B/N … (r+1)·B/N of the batchified stream and carries
 their hidden state through TBPTT exactly as one process would, so the N processes together
 compute what one process with batch B computes. Without torchrun every function here is a no-op.
+
+Files belong to rank 0 (the run folder may lie on its disk alone): it alone reads checkpoints and
+hands them to the others (`from_rank0`), and it alone writes. Under `torchrun --max-restarts N` a
+failed rank makes torchrun stop the job and start every rank again, in the same job (`job_id`):
+such an attempt goes on from the run's last checkpoint (fastlm/training/rundir.py).
 """
 from __future__ import annotations
 
 import gc
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from fastlm.errors import UsageError, first_line
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,8 +60,45 @@ def join(cuda: bool) -> World:
             torch.cuda.set_device(world.local_rank)
         # A rank that dies leaves the others waiting in a collective; the timeout turns that into an error.
         timeout = timedelta(seconds=float(os.environ.get("FASTLM_DIST_TIMEOUT", "600")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        backend = "nccl" if cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                                        is_master=False, timeout=timeout)
+            store = dist.PrefixStore(fresh_namespace(agent_store, world.rank, size, timeout), agent_store)
+            dist.init_process_group(backend, store=store, rank=world.rank, world_size=size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return world
+
+
+def fresh_namespace(store: dist.Store, rank: int, size: int, timeout: timedelta) -> str:
+    """A store prefix that this attempt of the job alone uses, the same on every rank.
+
+    torchrun's agents keep one store for all attempts of a job, and with it the keys an earlier
+    attempt's process group left: a restarted group reading them dials ranks that are gone
+    (pytorch/pytorch#135712), and the restart counts torchrun hands out differ between machines.
+    So rank 0 draws a fresh namespace and publishes it; every other rank says hello under the
+    namespace it read, with a token of its own, and waits for rank 0's welcome of that token. A
+    rank that read the last attempt's namespace is never welcomed there, and reads again.
+    """
+    if rank == 0:
+        namespace = f"fastlm/{uuid.uuid4().hex}"
+        store.set("fastlm/namespace", namespace)
+        for other in range(1, size):
+            store.wait([f"{namespace}/hello/{other}"], timeout)
+            store.set(f"{namespace}/welcome/{store.get(f'{namespace}/hello/{other}').decode()}", b"")
+        return namespace
+    token, deadline = uuid.uuid4().hex, time.monotonic() + timeout.total_seconds()
+    while True:
+        store.wait(["fastlm/namespace"], timeout)
+        namespace = store.get("fastlm/namespace").decode()
+        store.set(f"{namespace}/hello/{rank}", token)
+        try:
+            store.wait([f"{namespace}/welcome/{token}"], timedelta(seconds=1))
+            return namespace
+        except dist.DistStoreError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def leave(world: World) -> None:
@@ -59,6 +108,32 @@ def leave(world: World) -> None:
         # and gloo then aborts the process ("terminate called without an active exception").
         gc.collect()
         dist.destroy_process_group()
+
+
+def job_id() -> str | None:
+    """torchrun's id of this job, the same in every attempt (`--rdzv-id`; `--standalone` draws one)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` run by rank 0 alone and its value handed to every rank, or the error it raised
+    raised on every rank: all ranks go on from the same value (a checkpoint read from rank 0's disk)
+    or stop with the same message."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (compute(), None)
+        except Exception as err:
+            shared = err if isinstance(err, UsageError) else RuntimeError(f"rank 0 failed: {first_line(err)}")
+            dist.broadcast_object_list([(None, shared)], src=0, device=collective_device())
+            raise
+    dist.broadcast_object_list(box, src=0, device=collective_device())
+    value, err = box[0]
+    if err is not None:
+        raise err
+    return value
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:

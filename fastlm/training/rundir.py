@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -90,7 +90,7 @@ class RunFolder:
         self._lock = None
         self._created = [self.path]  # the folders `open` made (the run folder and missing parents)
 
-    def open(self, fresh: bool) -> None:
+    def open(self, fresh: bool, restarted: bool = False) -> None:
         self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         new_lock = not (self.path / ".lock").exists()
         try:
@@ -109,10 +109,11 @@ class RunFolder:
                                 "or pick another --out") from None
         lock.seek(0)
         lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
+        job = distributed.job_id()
+        lock.write(f"pid {os.getpid()}" + (f", torchrun job {job}" if job else "") + "\n")
         lock.flush()
         self._lock = lock
-        problem = self._unusable(fresh)
+        problem = self._unusable(fresh, restarted)
         if problem is not None:
             self.close()
             if new_lock:  # a folder that is not ours keeps nothing of this attempt
@@ -122,11 +123,13 @@ class RunFolder:
             for stale in self.path.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
 
-    def _unusable(self, fresh: bool) -> str | None:
-        """Why the folder cannot take this run, if it cannot."""
+    def _unusable(self, fresh: bool, restarted: bool) -> str | None:
+        """Why the folder cannot take this run, if it cannot (a restarted attempt takes over the
+        records of the earlier one, which died before its first checkpoint)."""
         odd = next((path for path in map(self.path.joinpath, RUN_FILES) if path.exists() and not path.is_file()), None)
         if odd is not None:  # a FIFO would block the run at its first write, a folder fail it at its first save
-            return f"{odd} is not a regular file: a run folder's {odd.name} must be one; remove it, or pick another --out"
+            return (f"{odd} is not a regular file: a run folder's {odd.name} must be one; remove it, or pick "
+                    "another --out")
         if fresh and ((self.path / CHECKPOINT).exists() or (self.path / BEST).exists()):
             return f"{self.path} already holds a run: continue it with --resume {self.path}, or pick another --out"
         if fresh and (self.path / METRICS).exists():
@@ -246,18 +249,21 @@ class OpenedRun:
 @contextlib.contextmanager
 def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None = None) -> Iterator[OpenedRun]:
     """Open a new run, or resume one (`resume`: a run folder or a checkpoint; `overrides`: the flags
-    given with it): the config checked, the device chosen, torchrun joined, the folder created and
-    locked (rank 0 owns it; every rank learns whether it may go on). On leaving, the lock is
-    released, a folder this call created and nothing wrote to is removed, and torchrun is left."""
-    ckpt, source = None, None
-    if resume is not None:
-        source = checkpoint_path(resume)
-        ckpt = load_checkpoint(source, needs=FOR_RESUME)
-        check_finite_weights(ckpt, source)
-        cfg = resume_config(ckpt["config"], {"out": str(source.parent), **(overrides or {})})
-    device = pick_device(cfg.device)
-    world = distributed.join(cuda=device.type == "cuda")
+    given with it): torchrun joined, the config settled and checked, the device chosen, the folder
+    created and locked (rank 0 owns it; every rank learns whether it may go on). An attempt that
+    torchrun restarted goes on from the checkpoint its earlier attempts left. On leaving, the lock
+    is released, a folder this call created and nothing wrote to is removed, and torchrun is left."""
+    overrides = overrides or {}
+    # Joined first, so that rank 0 alone reads the checkpoint; the process group's kind (NCCL or
+    # gloo) follows the device asked for, as a resumed run's saved device is not known yet.
+    joined_cuda = pick_device((overrides.get("device") or "auto") if resume is not None else cfg.device).type == "cuda"
+    world = distributed.join(cuda=joined_cuda)
     try:
+        cfg, ckpt, source, restarted = distributed.from_rank0(lambda: _settle(cfg, resume, overrides))
+        device = pick_device(cfg.device)
+        if world.enabled and (device.type == "cuda") != joined_cuda:
+            raise TrainingError(f"this run trains on {cfg.device}: pass --device {cfg.device} with --resume under "
+                                "torchrun (the ranks join before reading the checkpoint)")
         if world.enabled and device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
         check_config(cfg, world, device)
@@ -265,20 +271,23 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
         path = Path(cfg.out) if cfg.out else new_run_dir()
         in_place = source is not None and path.resolve() == source.parent.resolve()
         folder = RunFolder(path, saved_step=ckpt["global_step"] if in_place else None)
-        if in_place and source.name != CHECKPOINT:
-            _refuse_rolling_back(folder.path, source, ckpt)
         problem, existed = None, folder.path.exists()
         if world.is_main:
             try:
-                folder.open(fresh=not in_place)
+                if in_place and source.name != CHECKPOINT:
+                    _refuse_rolling_back(folder.path, source, ckpt)
+                folder.open(fresh=not in_place, restarted=restarted)
             except TrainingError as err:
                 problem = err
         refused = torch.tensor([float(problem is not None)], device=distributed.collective_device())
         if distributed.sum_(refused).item():
             raise problem or TrainingError(f"rank 0 could not use {folder.path} as the run folder (it says why)")
         try:
-            if in_place and world.is_main:
-                folder.keep_records_up_to(ckpt["global_step"])  # a crash after them: the resumed run repeats them
+            if (in_place or restarted) and world.is_main:  # records of steps a crash cut off: the run repeats them
+                folder.keep_records_up_to(ckpt["global_step"] if in_place else 0)
+                if restarted:
+                    tqdm.write(f"torchrun restarted job {distributed.job_id()}: going on from " + (
+                        f"{source} (step {ckpt['global_step']})" if source else "the start (no checkpoint yet)"))
             yield OpenedRun(cfg, ckpt, device, world, folder)
         finally:
             folder.close()
@@ -286,6 +295,43 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
                 folder.remove_if_unused()  # bad input stopped the run before it wrote anything
     finally:
         distributed.leave(world)
+
+
+def _settle(cfg: TrainConfig, resume: str | None, overrides: dict
+            ) -> tuple[TrainConfig, dict | None, Path | None, bool]:
+    """The run's config, the checkpoint it goes on from and its path (None, None for a new run), and
+    whether torchrun restarted the job. Rank 0's work: the files may lie on its disk alone."""
+    ckpt, source = None, None
+    if resume is not None:
+        source = checkpoint_path(resume)
+        ckpt = _load_for_resume(source)
+        cfg = resume_config(ckpt["config"], {"out": str(source.parent), **overrides})
+    restarted = cfg.out is not None and _opened_by_this_job(Path(cfg.out))
+    if restarted and (Path(cfg.out) / CHECKPOINT).is_file():  # the same command again goes on from the last one
+        source = Path(cfg.out) / CHECKPOINT
+        ckpt = _load_for_resume(source)
+        if resume is not None:
+            cfg = resume_config(ckpt["config"], {**overrides, "out": cfg.out})
+        elif ckpt["config"] != asdict(cfg):
+            raise TrainingError(f"torchrun restarted the job, but {source} holds a run with other settings: "
+                                "resume it with --resume, or pick another --out")
+    return cfg, ckpt, source, restarted
+
+
+def _load_for_resume(source: Path) -> dict:
+    ckpt = load_checkpoint(source, needs=FOR_RESUME)
+    check_finite_weights(ckpt, source)
+    return ckpt
+
+
+def _opened_by_this_job(run_dir: Path) -> bool:
+    """Whether an earlier attempt of this torchrun job opened the run folder (its lock file says so):
+    then torchrun restarted the job (the restart count it passes differs between machines)."""
+    job = distributed.job_id()
+    try:
+        return job is not None and f"torchrun job {job}" in (run_dir / ".lock").read_text()
+    except OSError:
+        return False
 
 
 def _refuse_rolling_back(run_dir: Path, source: Path, ckpt: dict) -> None:

@@ -96,6 +96,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None  # fp16's
         torch.manual_seed(cfg.seed)
         self.model = RNNLM.from_config(asdict(cfg), vocab_size).to(device)
+        self.model.shard_batch(self.world.rank, self.world.size)  # dropout masks as one process would draw them
         if ckpt:
             load_weights(self.model, ckpt["model"], "the checkpoint")
             self.load_state_dict(ckpt)
@@ -238,9 +239,10 @@ class Run:
         self.result.test_ppl = perplexity(self.validate(self.test_data))
         self.say(f"Test perplexity (last weights, {self.run_dir / CHECKPOINT}): {self.result.test_ppl:.2f}")
         self.record(split="test", weights="last", global_step=self.global_step, ppl=self.result.test_ppl)
-        distributed.barrier()  # best.pt is written by rank 0 and read by all
-        if (self.run_dir / BEST).is_file():
-            self.model.load_state_dict(load_checkpoint(self.run_dir / BEST, self.device)["model"])
+        best = distributed.from_rank0(lambda: load_checkpoint(self.run_dir / BEST)["model"]
+                                      if (self.run_dir / BEST).is_file() else None)  # rank 0's file
+        if best is not None:
+            self.model.load_state_dict(best)
             self.result.best_test_ppl = perplexity(self.validate(self.test_data))
             self.say(f"Test perplexity (best validation, {self.run_dir / BEST}): {self.result.best_test_ppl:.2f}")
             self.record(split="test", weights="best", global_step=self.global_step, ppl=self.result.best_test_ppl)
