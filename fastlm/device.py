@@ -134,8 +134,8 @@ def prepare(device: torch.device, amp: str, needed: int, say) -> torch.dtype | N
         check_cpu_can_multiply(amp_dtype)
         retain_freed_memory()
         if amp == "auto" and (unit := cpu_bf16_unit()):
-            say(f"this CPU has bf16 units ({unit}): --amp bf16 trains 1.3-1.5x faster per step at the same one-epoch "
-                "perplexity (measured: benchmarks/README.md)")
+            say(f"this CPU has bf16 units ({unit}): --amp bf16 trains 1.3-1.5x faster per step, within one perplexity "
+                "of fp32 after an epoch (measured: benchmarks/README.md)")
     return amp_dtype
 
 
@@ -178,14 +178,23 @@ def is_retaining_freed_memory() -> bool:
 
 def rng_state() -> dict:
     """The state of every generator a step draws from (dropout masks, sampled words): the CPU's and
-    each CUDA device's; `set_rng_state` puts it back, in a checkpoint or around a trial step."""
+    the current CUDA device's; `set_rng_state` puts it back, in a checkpoint or around a trial step.
+
+    The current device's alone: under torchrun each rank draws on its own GPU, so every rank takes
+    rank 0's saved state onto its device, and the ranks stay in step after a resume."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # checkpoints before 2026-12-06 hold every device's, by index
+            current = torch.cuda.current_device()
+            if current >= len(cuda):
+                return
+            cuda = cuda[current]
+        torch.cuda.set_rng_state(cuda)

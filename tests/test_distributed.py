@@ -196,15 +196,18 @@ def test_two_ranks_drop_out_exactly_like_one_process(corpus_dir, tmp_path, regul
         assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6), name
 
 
-def two_machines(*argv, cwd, restarts=0, program=("-m", "fastlm.train"), env=None):
+def two_machines(*argv, cwd, restarts=0, program=("-m", "fastlm.train"), env=None, static=False):
     """Two torchrun agents meeting at a c10d rendezvous, as on two machines, each in its folder of
-    `cwd`; their outputs, once both succeeded."""
-    endpoint, agents = f"127.0.0.1:{free_port()}", []
-    for machine in cwd:
+    `cwd`; their outputs, once both succeeded. `static`: torchrun's static rendezvous instead, which
+    puts rank 0 on the first machine (`--node-rank 0`)."""
+    port, agents = free_port(), []
+    for node_rank, machine in enumerate(cwd):
+        rendezvous = (["--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+                      if static else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                      "--rdzv-id", "fastlm-test"])
         machine.mkdir(exist_ok=True)
         agents.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastlm-test",
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *rendezvous,
              f"--max-restarts={restarts}", *program, *argv], cwd=machine, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
@@ -212,27 +215,56 @@ def two_machines(*argv, cwd, restarts=0, program=("-m", "fastlm.train"), env=Non
     return "".join(outputs)
 
 
-@pytest.mark.parametrize("machines", [1, 2], ids=["one-machine", "two-machines"])
-def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint(corpus_dir, tmp_path, machines):
-    # On two machines the restart counts torchrun passes differ, and the run folder is shared.
-    argv = ["--data", str(corpus_dir), *TINY, "--epochs", "2", "--log-interval", "10"]
-    launch = dict(restarts=1, program=[str(WORKERS / "rank1_dies_once.py")],
-                  env={"DIES_ONCE_MARKER": str(tmp_path / "rank-1-died")})
+KILLS = {  # (processes, machines, the rank killed, where: epochs done and step into the next)
+    "one-machine": (2, 1, 1, "1,10"),
+    "one-machine-before-the-first-checkpoint": (2, 1, 1, "0,30"),
+    "one-process": (1, 1, 0, "1,10"),
+    "two-machines": (2, 2, 1, "1,10"),  # the restart counts torchrun passes differ; a shared run folder
+}
+
+
+@pytest.mark.parametrize("processes, machines, rank, at", KILLS.values(), ids=KILLS.keys())
+def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint(corpus_dir, tmp_path, processes, machines, rank,
+                                                                   at):
+    argv = ["--data", str(corpus_dir), *TINY, "--epochs", "2", "--log-interval", "10", "--out", str(tmp_path / "run")]
+    launch = dict(restarts=1, program=[str(WORKERS / "a_rank_dies_once.py")],
+                  env={"DIES_ONCE_MARKER": str(tmp_path / "died"), "DIES_RANK": str(rank), "DIES_AT": at})
     if machines == 1:
-        output = torchrun(2, *argv, "--out", str(tmp_path / "restarted"), **launch).stdout
+        output = torchrun(processes, *argv, **launch).stdout
     else:
-        output = two_machines(*argv, "--out", str(tmp_path / "restarted"), cwd=[tmp_path / "a", tmp_path / "b"],
-                              **launch)
-    assert (tmp_path / "rank-1-died").exists() and "torchrun restarted job" in output
-    assert train_main([*argv, "--out", str(tmp_path / "uninterrupted")]) == 0
-    for split in ("train", "valid", "test"):  # the killed attempt's records of epoch 2 are gone
-        restarted, uninterrupted = (records(tmp_path / run, split) for run in ("restarted", "uninterrupted"))
+        output = two_machines(*argv, cwd=[tmp_path / "a", tmp_path / "b"], **launch)
+    assert (tmp_path / "died").exists() and "torchrun restarted the job: going on from" in output
+    assert train_main([*argv[:-1], str(tmp_path / "uninterrupted")]) == 0
+    for split in ("train", "valid", "test"):  # the killed attempt's records after the checkpoint are gone
+        restarted, uninterrupted = (records(tmp_path / run, split) for run in ("run", "uninterrupted"))
         assert [r["global_step"] for r in restarted] == [r["global_step"] for r in uninterrupted], split
         assert [r["loss" if split != "test" else "ppl"] for r in restarted] == pytest.approx(
             [r["loss" if split != "test" else "ppl"] for r in uninterrupted], rel=1e-5), split
-    a, b = load_checkpoint(tmp_path / "uninterrupted"), load_checkpoint(tmp_path / "restarted")
+    a, b = load_checkpoint(tmp_path / "uninterrupted"), load_checkpoint(tmp_path / "run")
     for name in a["model"]:
         assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_the_same_command_again_is_refused_not_taken_for_a_restart(corpus_dir, tmp_path):
+    argv = ["--data", str(corpus_dir), *TINY, "--max-steps", "5", "--out", str(tmp_path / "run")]
+    torchrun(2, *argv)
+    again = torchrun(2, *argv, restarts=1, wait=False)  # refused in both attempts
+    _, err = again.communicate(timeout=120)
+    assert again.returncode != 0 and err.count("already holds a run") == 2, err[-2000:]
+    assert load_checkpoint(tmp_path / "run")["global_step"] == 5
+
+
+def test_a_run_on_rank_0s_disk_alone_resumes_on_two_machines(corpus_dir, tmp_path):
+    # Rank 0 reads the checkpoint and hands it over: machine b never sees the run folder.
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    argv = ["--data", str(corpus_dir), *TINY]
+    assert train_main([*argv, "--max-steps", "5", "--out", str(a / "run")]) == 0
+    two_machines("--resume", "run", "--max-steps", "10", cwd=[a, b], static=True)
+    assert not (b / "run").exists()
+    straight = train(TrainConfig(data=str(corpus_dir), embed_size=16, hidden_size=32, batch_size=8, seq_len=5,
+                                 lr=0.01, log_interval=1, eval_batch_size=4, device="cpu", epochs=1, max_steps=10,
+                                 out=str(tmp_path / "straight")))
+    assert [r["loss"] for r in records(a / "run", "train")] == pytest.approx(straight.train_losses, rel=1e-5)
 
 
 def test_two_machines_train_like_one_process(corpus_dir, tmp_path):

@@ -102,7 +102,8 @@ def naive_two_layers(lstm, x, state):
 def test_weight_drop_draws_one_mask_per_window_for_all_its_steps(monkeypatch):
     masks = []
     real = F.dropout
-    monkeypatch.setattr(lstm_module.F, "dropout", lambda w, p, training: masks.append(real(w, p, training)) or masks[-1])
+    monkeypatch.setattr(lstm_module.F, "dropout",
+                        lambda w, p, training: masks.append(real(w, p, training)) or masks[-1])
     lstm = LSTM(3, 8, backend="reference", weight_drop=0.5)
     lstm(torch.randn(2, 7, 3))
     lstm(torch.randn(2, 7, 3))
@@ -216,19 +217,24 @@ def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir,
     assert graphed.train_losses == eager.train_losses, "the same masks, drawn fresh at every replay"
 
 
-def test_the_rng_state_covers_every_cuda_generator(monkeypatch):
+@pytest.mark.parametrize("saved", ["current-device", "every-device"], ids=["current-device", "older-checkpoint"])
+def test_the_rng_state_puts_the_saved_cuda_state_on_the_current_device(monkeypatch, saved):
     # One helper for checkpoints and for the step's snapshots around capture: dropout masks on a GPU
-    # come from the CUDA generators, so their states are saved and put back too.
+    # come from the current device's generator. Under torchrun every rank (rank 1 on cuda:1 here)
+    # takes rank 0's saved state onto its own device; older checkpoints hold a list, one per device.
     from fastlm.device import rng_state, set_rng_state
 
-    calls, cuda_states = [], ["cuda:0 state", "cuda:1 state"]
+    calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("get") or cuda_states)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: calls.append("get") or "rank 0's state")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(("set", state)))
     state = rng_state()
-    assert state["cuda"] == cuda_states and torch.equal(state["torch"], torch.get_rng_state())
+    assert state["cuda"] == "rank 0's state" and torch.equal(state["torch"], torch.get_rng_state())
+    if saved == "every-device":
+        state["cuda"] = ["cuda:0 state", "rank 0's state"]
     set_rng_state(state)
-    assert calls == ["get", ("set", cuda_states)]
+    assert calls == ["get", ("set", "rank 0's state")]
 
 
 def test_masks_that_would_be_drawn_per_word_are_refused_with_scheduled_sampling(corpus_dir, tmp_path):

@@ -8,8 +8,8 @@ compute what one process with batch B computes. Without torchrun every function 
 
 Files belong to rank 0 (the run folder may lie on its disk alone): it alone reads checkpoints and
 hands them to the others (`from_rank0`), and it alone writes. Under `torchrun --max-restarts N` a
-failed rank makes torchrun stop the job and start every rank again, in the same job (`job_id`):
-such an attempt goes on from the run's last checkpoint (fastlm/training/rundir.py).
+failed rank makes torchrun stop the job and start every rank again, in the same launch
+(`launch_id`): such an attempt goes on from the run's last checkpoint (fastlm/training/rundir.py).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launch: str | None = None  # under torchrun: this launch's id, the same in every attempt (`launch_id`)
 
     @property
     def enabled(self) -> bool:
@@ -52,23 +53,32 @@ class World:
 def join(cuda: bool) -> World:
     """Join the torchrun process group if there is one; the world of a single process otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    # A rank that dies leaves the others waiting in a collective; the timeout turns that into an error.
+    timeout = timedelta(seconds=float(os.environ.get("FASTLM_DIST_TIMEOUT", "600")))
+    agent_store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):  # torchrun's, kept for all attempts
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                                    is_master=False, timeout=timeout)
+    launch = launch_id(agent_store) if agent_store is not None else None
     if size <= 1:
-        return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        return World(launch=launch)
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), launch)
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(world.local_rank)
-        # A rank that dies leaves the others waiting in a collective; the timeout turns that into an error.
-        timeout = timedelta(seconds=float(os.environ.get("FASTLM_DIST_TIMEOUT", "600")))
         backend = "nccl" if cuda else "gloo"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
-            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
-                                        is_master=False, timeout=timeout)
+        if agent_store is not None:
             store = dist.PrefixStore(fresh_namespace(agent_store, world.rank, size, timeout), agent_store)
             dist.init_process_group(backend, store=store, rank=world.rank, world_size=size, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
     return world
+
+
+def launch_id(store: dist.Store) -> str:
+    """An id of this torchrun launch, the same in all its attempts: torchrun's agents keep their store
+    from the launch to its end, so the first rank of the first attempt to ask draws it."""
+    return store.compare_set("fastlm/launch", "", uuid.uuid4().hex).decode()
 
 
 def fresh_namespace(store: dist.Store, rank: int, size: int, timeout: timedelta) -> str:
@@ -110,11 +120,6 @@ def leave(world: World) -> None:
         dist.destroy_process_group()
 
 
-def job_id() -> str | None:
-    """torchrun's id of this job, the same in every attempt (`--rdzv-id`; `--standalone` draws one)."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-
-
 def from_rank0(compute: Callable[[], T]) -> T:
     """`compute()` run by rank 0 alone and its value handed to every rank, or the error it raised
     raised on every rank: all ranks go on from the same value (a checkpoint read from rank 0's disk)
@@ -125,7 +130,7 @@ def from_rank0(compute: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             box[0] = (compute(), None)
-        except Exception as err:
+        except BaseException as err:  # a Ctrl-C too: the other ranks must not wait for a value
             shared = err if isinstance(err, UsageError) else RuntimeError(f"rank 0 failed: {first_line(err)}")
             dist.broadcast_object_list([(None, shared)], src=0, device=collective_device())
             raise

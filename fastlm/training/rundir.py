@@ -90,7 +90,9 @@ class RunFolder:
         self._lock = None
         self._created = [self.path]  # the folders `open` made (the run folder and missing parents)
 
-    def open(self, fresh: bool, restarted: bool = False) -> None:
+    def open(self, fresh: bool, restarted: bool = False, launch: str | None = None) -> None:
+        """Create and lock the folder (`restarted`: by an attempt of torchrun `launch` after the one
+        that opened it); the lock file names the torchrun launch once the folder took the run."""
         self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         new_lock = not (self.path / ".lock").exists()
         try:
@@ -107,11 +109,6 @@ class RunFolder:
             lock.close()
             raise TrainingError(f"{self.path} is in use by another training ({holder}): wait for it to end, "
                                 "or pick another --out") from None
-        lock.seek(0)
-        lock.truncate()
-        job = distributed.job_id()
-        lock.write(f"pid {os.getpid()}" + (f", torchrun job {job}" if job else "") + "\n")
-        lock.flush()
         self._lock = lock
         problem = self._unusable(fresh, restarted)
         if problem is not None:
@@ -119,6 +116,10 @@ class RunFolder:
             if new_lock:  # a folder that is not ours keeps nothing of this attempt
                 (self.path / ".lock").unlink(missing_ok=True)
             raise TrainingError(problem)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}" + (f", torchrun launch {launch}" if launch else "") + "\n")
+        lock.flush()
         for name in RUN_FILES:  # only the lock holder writes them, so their temporary files are stale
             for stale in self.path.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -130,6 +131,8 @@ class RunFolder:
         if odd is not None:  # a FIFO would block the run at its first write, a folder fail it at its first save
             return (f"{odd} is not a regular file: a run folder's {odd.name} must be one; remove it, or pick "
                     "another --out")
+        if restarted:  # an earlier attempt left them (`open_run` resumes its checkpoint.pt, if there is one)
+            return None
         if fresh and ((self.path / CHECKPOINT).exists() or (self.path / BEST).exists()):
             return f"{self.path} already holds a run: continue it with --resume {self.path}, or pick another --out"
         if fresh and (self.path / METRICS).exists():
@@ -259,7 +262,7 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
     joined_cuda = pick_device((overrides.get("device") or "auto") if resume is not None else cfg.device).type == "cuda"
     world = distributed.join(cuda=joined_cuda)
     try:
-        cfg, ckpt, source, restarted = distributed.from_rank0(lambda: _settle(cfg, resume, overrides))
+        cfg, ckpt, source, restarted = distributed.from_rank0(lambda: _settle(cfg, resume, overrides, world.launch))
         device = pick_device(cfg.device)
         if world.enabled and (device.type == "cuda") != joined_cuda:
             raise TrainingError(f"this run trains on {cfg.device}: pass --device {cfg.device} with --resume under "
@@ -276,7 +279,7 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
             try:
                 if in_place and source.name != CHECKPOINT:
                     _refuse_rolling_back(folder.path, source, ckpt)
-                folder.open(fresh=not in_place, restarted=restarted)
+                folder.open(fresh=not in_place, restarted=restarted, launch=world.launch)
             except TrainingError as err:
                 problem = err
         refused = torch.tensor([float(problem is not None)], device=distributed.collective_device())
@@ -285,9 +288,11 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
         try:
             if (in_place or restarted) and world.is_main:  # records of steps a crash cut off: the run repeats them
                 folder.keep_records_up_to(ckpt["global_step"] if in_place else 0)
-                if restarted:
-                    tqdm.write(f"torchrun restarted job {distributed.job_id()}: going on from " + (
-                        f"{source} (step {ckpt['global_step']})" if source else "the start (no checkpoint yet)"))
+            if restarted and world.is_main:
+                if not in_place:  # the attempt that died before its first checkpoint.pt may have left a best.pt
+                    (folder.path / BEST).unlink(missing_ok=True)
+                tqdm.write("torchrun restarted the job: going on from " + (
+                    f"{source} (step {ckpt['global_step']})" if source else "the start (no checkpoint yet)"))
             yield OpenedRun(cfg, ckpt, device, world, folder)
         finally:
             folder.close()
@@ -297,24 +302,23 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
         distributed.leave(world)
 
 
-def _settle(cfg: TrainConfig, resume: str | None, overrides: dict
+def _settle(cfg: TrainConfig, resume: str | None, overrides: dict, launch: str | None
             ) -> tuple[TrainConfig, dict | None, Path | None, bool]:
     """The run's config, the checkpoint it goes on from and its path (None, None for a new run), and
-    whether torchrun restarted the job. Rank 0's work: the files may lie on its disk alone."""
-    ckpt, source = None, None
+    whether torchrun restarted it. Rank 0's work: the files may lie on its disk alone."""
+    source = checkpoint_path(resume) if resume is not None else None
+    out = overrides.get("out", str(source.parent)) if source is not None else cfg.out
+    restarted = out is not None and _opened_in_launch(Path(out), launch)
+    if restarted and (Path(out) / CHECKPOINT).is_file():  # the same command again goes on from there
+        source = Path(out) / CHECKPOINT
+    if source is None:
+        return cfg, None, None, restarted
+    ckpt = _load_for_resume(source)
     if resume is not None:
-        source = checkpoint_path(resume)
-        ckpt = _load_for_resume(source)
-        cfg = resume_config(ckpt["config"], {"out": str(source.parent), **overrides})
-    restarted = cfg.out is not None and _opened_by_this_job(Path(cfg.out))
-    if restarted and (Path(cfg.out) / CHECKPOINT).is_file():  # the same command again goes on from the last one
-        source = Path(cfg.out) / CHECKPOINT
-        ckpt = _load_for_resume(source)
-        if resume is not None:
-            cfg = resume_config(ckpt["config"], {**overrides, "out": cfg.out})
-        elif ckpt["config"] != asdict(cfg):
-            raise TrainingError(f"torchrun restarted the job, but {source} holds a run with other settings: "
-                                "resume it with --resume, or pick another --out")
+        cfg = resume_config(ckpt["config"], {**overrides, "out": out})
+    elif ckpt["config"] != asdict(cfg):
+        raise TrainingError(f"torchrun restarted the job, but {source} holds a run with other settings: resume it "
+                            "with --resume, or pick another --out")
     return cfg, ckpt, source, restarted
 
 
@@ -324,12 +328,12 @@ def _load_for_resume(source: Path) -> dict:
     return ckpt
 
 
-def _opened_by_this_job(run_dir: Path) -> bool:
-    """Whether an earlier attempt of this torchrun job opened the run folder (its lock file says so):
-    then torchrun restarted the job (the restart count it passes differs between machines)."""
-    job = distributed.job_id()
+def _opened_in_launch(run_dir: Path, launch: str | None) -> bool:
+    """Whether an earlier attempt of this torchrun launch took the run folder (its lock file says
+    so): then torchrun restarted the job. (The restart count torchrun passes differs between
+    machines, and a launch's id is new with every launch, unlike `--rdzv-id`.)"""
     try:
-        return job is not None and f"torchrun job {job}" in (run_dir / ".lock").read_text()
+        return launch is not None and (run_dir / ".lock").read_text().strip().endswith(f"torchrun launch {launch}")
     except OSError:
         return False
 
