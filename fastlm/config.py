@@ -197,13 +197,14 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
     check_backend(cfg.backend, device)
     if device is not None and cfg.cuda_graphs and not cuda_graphs_available(device):
         raise TrainingError("--cuda-graphs needs a CUDA device: use --no-cuda-graphs on the CPU")
+    if world is not None and (world.enabled or world.launch) and cfg.out is None:
+        raise TrainingError("under torchrun pass --out (every rank, and every attempt after a restart, must find the "
+                            "run folder)")
     if world is not None and world.enabled:
         for flag, rows in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size)):
             if rows % world.size:  # each rank takes an equal block of the rows
                 raise TrainingError(f"{flag} {rows} is not divisible by the world size {world.size}: use a multiple "
                                     f"of {world.size}")
-        if cfg.out is None:
-            raise TrainingError("under torchrun pass --out (every rank must agree on the run folder)")
         if scheduled_sampling(cfg):
             raise TrainingError("scheduled sampling runs step by step and is not supported under torchrun yet: "
                                 "train it in one process")

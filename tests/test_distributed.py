@@ -62,6 +62,13 @@ def test_rows_are_split_evenly_or_refused(flag, rows):
         check_config(TrainConfig(out="run", **{flag: rows}), World(0, 2))
 
 
+@pytest.mark.parametrize("world", [World(0, 2), World(launch="a-launch")], ids=["two-ranks", "one-rank-under-torchrun"])
+def test_torchrun_needs_an_out_folder_that_every_attempt_finds(world):
+    with pytest.raises(TrainingError, match="under torchrun pass --out"):
+        check_config(TrainConfig(), world)
+    check_config(TrainConfig(), World())  # one process without torchrun: a fresh runs/<time> folder
+
+
 def test_leaving_frees_ddp_before_its_process_group(monkeypatch):
     # Once seen as an abort of one rank in ~1 of 20 two-rank runs, after training had finished:
     # DDP outlived the process group it holds and was freed during interpreter shutdown.

@@ -220,21 +220,22 @@ def test_simulated_graph_training_with_dropout_equals_eager_training(corpus_dir,
 @pytest.mark.parametrize("saved", ["current-device", "every-device"], ids=["current-device", "older-checkpoint"])
 def test_the_rng_state_puts_the_saved_cuda_state_on_the_current_device(monkeypatch, saved):
     # One helper for checkpoints and for the step's snapshots around capture: dropout masks on a GPU
-    # come from the current device's generator. Under torchrun every rank (rank 1 on cuda:1 here)
-    # takes rank 0's saved state onto its own device; older checkpoints hold a list, one per device.
+    # come from the current device's generator, saved alone. Under torchrun every rank (here one on
+    # cuda:1) takes rank 0's saved state onto its own device. Older checkpoints, from one process,
+    # hold every device's state by index: the current device's is the one that process drew from.
     from fastlm.device import rng_state, set_rng_state
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: calls.append("get") or "rank 0's state")
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: calls.append("get") or "saved state")
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(("set", state)))
     state = rng_state()
-    assert state["cuda"] == "rank 0's state" and torch.equal(state["torch"], torch.get_rng_state())
+    assert state["cuda"] == "saved state" and torch.equal(state["torch"], torch.get_rng_state())
     if saved == "every-device":
-        state["cuda"] = ["cuda:0 state", "rank 0's state"]
+        state["cuda"] = ["cuda:0 state", "cuda:1 state"]
     set_rng_state(state)
-    assert calls == ["get", ("set", "rank 0's state")]
+    assert calls == ["get", ("set", "saved state" if saved == "current-device" else "cuda:1 state")]
 
 
 def test_masks_that_would_be_drawn_per_word_are_refused_with_scheduled_sampling(corpus_dir, tmp_path):

@@ -289,8 +289,6 @@ def open_run(cfg: TrainConfig, resume: str | None = None, overrides: dict | None
             if (in_place or restarted) and world.is_main:  # records of steps a crash cut off: the run repeats them
                 folder.keep_records_up_to(ckpt["global_step"] if in_place else 0)
             if restarted and world.is_main:
-                if not in_place:  # the attempt that died before its first checkpoint.pt may have left a best.pt
-                    (folder.path / BEST).unlink(missing_ok=True)
                 tqdm.write("torchrun restarted the job: going on from " + (
                     f"{source} (step {ckpt['global_step']})" if source else "the start (no checkpoint yet)"))
             yield OpenedRun(cfg, ckpt, device, world, folder)
