@@ -157,11 +157,6 @@ def gather_rows(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def collective_device() -> torch.device:
     """Where tensors for a collective must live: the GPU for NCCL, the CPU for gloo."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
