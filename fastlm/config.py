@@ -152,7 +152,7 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
     """Every rule on the flags and their combinations, checked before any work: a TrainingError
     naming the flag and the fix. Rules that depend on torchrun's `world` (a `distributed.World`) or
     on the chosen `device` are checked when those are given (the trainer gives both). `flags` names
-    fields that a command sets under flags of its own (compare's --free-running)."""
+    fields that a command sets under flags of its own (compare's --arm)."""
     flag = lambda name: (flags or {}).get(name, f"--{name.replace('_', '-')}")  # noqa: E731
     positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "log_interval", "eval_batch_size")
     for name in positive:
@@ -170,7 +170,7 @@ def check_config(cfg: TrainConfig, world=None, device: torch.device | None = Non
         raise TrainingError(f"unknown {flag('teacher_forcing_schedule')} {cfg.teacher_forcing_schedule!r}: "
                             f"choose {', '.join(SCHEDULES)}")
     if cfg.free_running_token not in FREE_RUNNING_TOKENS:
-        raise TrainingError(f"--free-running-token must be argmax or sample, got {cfg.free_running_token!r}")
+        raise TrainingError(f"{flag('free_running_token')} must be argmax or sample, got {cfg.free_running_token!r}")
     if cfg.amp not in (*AMP_DTYPES, "auto"):
         raise TrainingError(f"--amp must be off, bf16, fp16 or auto, got {cfg.amp!r}")
     if cfg.optimizer not in ("adam", "sgd"):

@@ -9,7 +9,7 @@ from fastlm.files import write_output
 COMMON_FORMATS = ("png", "pdf", "svg")  # named first when a format is refused
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -22,7 +22,7 @@ def _pyplot():
 
 def image_format(path: Path, flag: str = "--out") -> str:
     """The format `path` is drawn in: its suffix (PNG without one), refused unless matplotlib writes it."""
-    _pyplot()
+    pyplot()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fmt = Path(path).suffix[1:].lower() or "png"
@@ -55,7 +55,7 @@ def curves(path: Path, panels: list[dict], title: str) -> Path:
     """Side-by-side line charts. Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "log": bool};
     a series (xs, ys, lows, highs) also shades the band from lows to highs. Written by `write_output`'s rule,
     in the format of the path's suffix (`image_format`), to exactly that path."""
-    fmt, plt = image_format(path), _pyplot()
+    fmt, plt = image_format(path), pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for label, (xs, ys, *band) in panel["series"].items():
@@ -79,68 +79,126 @@ def curves(path: Path, panels: list[dict], title: str) -> Path:
     return path
 
 
+FORWARD = dict(arrowstyle="->", color="black", linewidth=1.1)
+BACKWARD = dict(arrowstyle="->", color="crimson", linestyle="--", linewidth=1.4)
+STEP_X = 1.6  # horizontal distance between two time steps' cells
+
+
 def unrolled_graph(path: Path, seq_len: int, chunks: int, nodes_with_detach: int, nodes_without: int) -> list[str]:
-    """The unrolled LSTM over `chunks` windows of `seq_len` steps: the initial state, the weights
-    each window ran with, each window's loss (the mean over its steps) and the detach cut.
+    """The unrolled LSTM over `chunks` windows of `seq_len` steps, twice: with detach above, without
+    below. Each shows the forward pass (solid black: the initial state, the weights each window ran
+    with, each window's loss, the mean over its steps) and the backward from the last window's loss
+    (dashed red), which stops at the detach cut above and runs back to h_0 below.
     Returns the texts drawn, so that a test can read what the picture says."""
-    plt = _pyplot()
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
     steps = seq_len * chunks
-    fig, ax = plt.subplots(figsize=(2.0 * steps + 3.0, 6.4))
+    fig, axes = plt.subplots(2, 1, figsize=(2.0 * steps + 3.0, 11.5))
+    last = f"$L_{{{chunks}}}$"
+    captions = [f"With detach: the state crosses the window edge, the gradient of {last} stops there. "
+                f"A backward from {last} visits {nodes_with_detach} autograd nodes.",
+                f"Without detach: the gradient of {last} runs back through every window to $h_0, c_0$. "
+                f"A backward from {last} visits {nodes_without} autograd nodes."]
+    for ax, detach, caption in zip(axes, (True, False), captions):
+        _forward_pass(ax, seq_len, chunks, detach)
+        _backward_pass(ax, seq_len, chunks, detach)
+        ax.set_title(caption, fontsize=11, loc="left")
+        ax.set_xlim(-2.7, STEP_X * (steps - 1) + 0.9)
+        ax.set_ylim(-2.4, 5.9)
+        ax.axis("off")
+    legend = [Line2D([], [], **{k: v for k, v in FORWARD.items() if k != "arrowstyle"}, label="forward: values"),
+              Line2D([], [], **{k: v for k, v in BACKWARD.items() if k != "arrowstyle"},
+                     label=f"backward: the gradient of {last}")]
+    axes[0].legend(handles=legend, loc="upper left", fontsize=9)
+    note = ("$\\ell_t$: step t's cross-entropy, averaged over the batch rows, so $L_k$ is what F.cross_entropy "
+            "returns for window k. W: the LSTM's weights, shared by every step; without detach, "
+            f"{last}'s backward\nruns through window 1's cells, which used $W^{{(1)}}$: the optimizer has "
+            "overwritten it since, so a retained graph must keep a copy of it.")
+    fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=9)
+    title = (f"Unrolled LSTM, seq_len T = {seq_len}, {chunks} windows: forward solid, backward from window "
+             f"{chunks}'s loss dashed")
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [text.get_text() for ax in axes for text in ax.texts if text.get_text()] + captions + [
+        handle.get_label() for handle in legend] + [note, title]
+
+
+def _forward_pass(ax, seq_len: int, chunks: int, detach: bool) -> None:
+    """Cells, inputs, step losses and the state arrows; the window edges, marked as a cut with detach."""
+    steps = seq_len * chunks
     box = dict(boxstyle="round,pad=0.35", linewidth=1.2)
-    arrow = dict(arrowstyle="->")
     ax.text(-1.8, 1.5, "$h_0, c_0$\n(initial state)", ha="center", va="center", bbox={**box, "facecolor": "#f1f1f1"})
-    ax.annotate("", (-0.55, 1.5), (-1.1, 1.5), arrowprops=arrow)
+    ax.annotate("", (-0.55, 1.62), (-1.1, 1.62), arrowprops=FORWARD)
     for t in range(1, steps + 1):
-        x, side = 1.6 * (t - 1), _input_side(t, seq_len)
+        x, side = STEP_X * (t - 1), _input_side(t, seq_len)
         ax.text(x + 0.3 * side, 0, f"$x_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#e8f0fe"})
         ax.text(x, 1.5, f"$h_{{{t}}}, c_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#fff4d6"})
         ax.text(x, 3.0, f"$\\ell_{{{t}}}$", ha="center", va="center", bbox={**box, "facecolor": "#e6f4ea"})
-        ax.annotate("", (x + 0.15 * side, 1.2), (x + 0.3 * side, 0.3), arrowprops=arrow)
-        ax.annotate("", (x, 2.7), (x, 1.8), arrowprops=arrow)
+        ax.annotate("", (x + 0.15 * side, 1.2), (x + 0.3 * side, 0.3), arrowprops=FORWARD)
+        ax.annotate("", (x - 0.12, 2.7), (x - 0.12, 1.8), arrowprops=FORWARD)
         if t < steps:
-            crossing = t % seq_len == 0
-            ax.annotate("", (x + 1.6 - 0.55, 1.5), (x + 0.55, 1.5),
-                        arrowprops=dict(arrowstyle="->", color="black", linestyle="--" if crossing else "-"))
-            if crossing:
-                cut = x + 0.8
-                ax.plot([cut, cut], [-2.4, 4.9], color="crimson", linestyle="--", linewidth=2)
-                ax.text(cut, 5.0, "detach(): the state crosses,\ngradients stop here", color="crimson",
-                        ha="center", va="bottom", fontsize=9)
+            ax.annotate("", (x + STEP_X - 0.55, 1.62), (x + 0.55, 1.62), arrowprops=FORWARD)
+        if t < steps and t % seq_len == 0:
+            _window_edge(ax, x + STEP_X / 2, detach)
     for k in range(1, chunks + 1):
         _window_loss_and_weights(ax, k, seq_len, box)
-    ax.text(1.6 * (steps - 1) / 2, -3.0, "$\\ell_t$: step t's cross-entropy, averaged over the batch rows, so "
-            "$L_k$ is what F.cross_entropy returns for window k. W: the LSTM's weights, shared by every step; "
-            "without detach, $L_2$'s backward\nruns through window 1's cells, which used $W^{(1)}$: the "
-            "optimizer has overwritten it since, so a retained graph must keep a copy of it.",
-            ha="center", va="top", fontsize=9)
-    ax.set_xlim(-2.7, 1.6 * (steps - 1) + 0.9)
-    ax.set_ylim(-3.8, 5.9)
-    ax.axis("off")
-    title = (f"Unrolled LSTM, seq_len T = {seq_len}, {chunks} windows. Autograd nodes a backward from window "
-             f"{chunks}'s loss visits: {nodes_with_detach} with detach, {nodes_without} without")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [text.get_text() for text in ax.texts if text.get_text()] + [title]
+
+
+def _window_edge(ax, x: float, detach: bool) -> None:
+    if detach:
+        ax.plot([x, x], [-2.2, 4.9], color="crimson", linestyle="-", linewidth=2.5)
+        ax.text(x, 5.0, "detach(): the state crosses,\nthe gradient stops here", color="crimson", ha="center",
+                va="bottom", fontsize=9)
+    else:
+        ax.plot([x, x], [-2.2, 4.9], color="grey", linestyle=":", linewidth=1.5)
+        ax.text(x, 5.0, "window edge: no cut,\nthe gradient crosses", color="grey", ha="center", va="bottom",
+                fontsize=9)
+
+
+def _backward_pass(ax, seq_len: int, chunks: int, detach: bool) -> None:
+    """The last window's loss back-propagated: into its steps' losses and cells, back along the state
+    to the first cell it reaches, and into the weights of every window it passes through."""
+    steps = seq_len * chunks
+    first = steps - seq_len + 1 if detach else 1
+    loss_x = STEP_X * (steps - seq_len + (seq_len - 1) / 2)
+    for t in range(steps - seq_len + 1, steps + 1):
+        x = STEP_X * (t - 1)
+        ax.annotate("", (x + 0.2, 3.3), (loss_x + 0.2, 3.9), arrowprops=BACKWARD)
+        ax.annotate("", (x + 0.12, 1.8), (x + 0.12, 2.7), arrowprops=BACKWARD)
+    for t in range(steps, first, -1):
+        x = STEP_X * (t - 1)
+        ax.annotate("", (x - STEP_X + 0.55, 1.38), (x - 0.55, 1.38), arrowprops=BACKWARD)
+    first_x = STEP_X * (first - 1)
+    if detach:
+        cut = first_x - STEP_X / 2
+        ax.annotate("", (cut + 0.05, 1.38), (first_x - 0.55, 1.38), arrowprops=BACKWARD)
+        ax.text(cut, 1.38, "✕", color="crimson", ha="center", va="center", fontsize=22, fontweight="bold")
+    else:
+        ax.annotate("", (-1.1, 1.38), (-0.55, 1.38), arrowprops=BACKWARD)
+    for k in range(1 + (chunks - 1) * detach, chunks + 1):
+        middle = STEP_X * ((k - 1) * seq_len + (seq_len - 1) / 2)
+        ax.annotate("", (middle + 0.7, -1.22), (middle + 0.5, 1.2), arrowprops=BACKWARD)
 
 
 def _window_loss_and_weights(ax, k: int, seq_len: int, box: dict) -> None:
     """Window k's loss, the mean of its steps' losses, and the weights it ran with, W as the
     optimizer left it after k - 1 updates."""
     first = (k - 1) * seq_len + 1
-    xs = [1.6 * (t - 1) for t in range(first, first + seq_len)]
+    xs = [STEP_X * (t - 1) for t in range(first, first + seq_len)]
     middle = (xs[0] + xs[-1]) / 2
     terms = " + ".join(f"\\ell_{{{t}}}" for t in range(first, first + seq_len))
     ax.text(middle, 4.2, f"$L_{{{k}}} = \\frac{{1}}{{{seq_len}}}({terms})$", ha="center", va="center",
             bbox={**box, "facecolor": "#d7f0dd"})
     updates = "before any update" if k == 1 else f"after {k - 1} update{'s' * (k > 2)}"
-    ax.text(middle, -1.7, f"$W^{{({k})}}$: W {updates}", ha="center", va="center",
+    ax.text(middle, -1.5, f"$W^{{({k})}}$: W {updates}", ha="center", va="center",
             bbox={**box, "facecolor": "#f3e5f5"})
     for t, x in enumerate(xs, first):
-        ax.annotate("", (middle, 3.9), (x, 3.3), arrowprops=dict(arrowstyle="->", color="#2e7d32"))
-        ax.annotate("", (x - 0.15 * _input_side(t, seq_len), 1.2), (middle, -1.4),
-                    arrowprops=dict(arrowstyle="->", color="#7b1fa2", alpha=0.7))
+        ax.annotate("", (middle - 0.2, 3.9), (x - 0.2, 3.3), arrowprops=FORWARD)
+        ax.annotate("", (x - 0.15 * _input_side(t, seq_len), 1.2), (middle, -1.2),
+                    arrowprops={**FORWARD, "color": "#555555", "linewidth": 0.8})
 
 
 def _input_side(t: int, seq_len: int) -> int:

@@ -94,7 +94,8 @@ def test_flat_with_detach_and_linear_without(backend):
 
 def _reference_grads(model, tokens, loss_slice, initial=None):
     """Float64 nn modules over `tokens` at once (full BPTT); loss on the outputs in `loss_slice`."""
-    embed, linear, lstm = nn.Embedding(V, E).double(), nn.Linear(H, V).double(), nn.LSTM(E, H, batch_first=True).double()
+    embed, linear = nn.Embedding(V, E).double(), nn.Linear(H, V).double()
+    lstm = nn.LSTM(E, H, batch_first=True).double()
     embed.load_state_dict(model.embed.state_dict())
     linear.load_state_dict(model.linear.state_dict())
     lstm.load_state_dict(model.lstm.state_dict())
@@ -194,3 +195,52 @@ def test_count_graph_nodes_grows_without_detach():
     with_state = F.cross_entropy(model(tokens[:, 3:6], state)[0], tokens[0, 4:7])
     cut = F.cross_entropy(model(tokens[:, 3:6], tuple(s.detach() for s in state))[0], tokens[0, 4:7])
     assert count_graph_nodes(with_state) > count_graph_nodes(cut) > 0
+
+
+def _training_losses(detach, windows, optimizer=lambda params: torch.optim.Adam(params, lr=0.1)):
+    model = _model("torch")
+    return [m.loss for m in run_chunks(model, optimizer(model.parameters()), windows, detach, clip=1e9)]
+
+
+def test_the_arms_losses_agree_until_a_gradient_has_crossed_a_window_edge():
+    windows, _ = _windows(5)
+    detached, full = _training_losses(True, windows), _training_losses(False, windows)
+    # Window 1's gradient has no earlier window to reach, so the first update is the same in both arms;
+    # window 2's loss comes before its own update. Window 2's gradient crosses the edge: it differs.
+    assert detached[:2] == full[:2]
+    assert all(a != b for a, b in zip(detached[2:], full[2:])), (detached, full)
+
+
+def _full_bptt_losses(start: dict, windows, lr: float) -> list[float]:
+    """Float64 training with torch's own modules, no fastlm code: window k's loss back-propagated
+    through windows 1 to k, each run with the weights it had (a copy kept per window), the gradient
+    summed over the copies, then a plain Adam step."""
+    modules = nn.ModuleDict({"embed": nn.Embedding(V, E), "lstm": nn.LSTM(E, H, batch_first=True),
+                             "linear": nn.Linear(H, V)}).double()
+    modules.load_state_dict(start)
+    optimizer, copies, losses, state = torch.optim.Adam(modules.parameters(), lr=lr), [], [], None
+    for inputs, targets in windows:
+        copy = {name: p.detach().clone().requires_grad_() for name, p in modules.named_parameters()}
+        copies.append(copy)
+        run = lambda name, *args: torch.func.functional_call(modules[name], {
+            key.split(".", 1)[1]: value for key, value in copy.items() if key.startswith(name + ".")}, args)
+        out, state = run("lstm", run("embed", inputs), state)
+        loss = F.cross_entropy(run("linear", out).reshape(-1, V), targets.reshape(-1))
+        loss.backward(retain_graph=True)
+        for name, p in modules.named_parameters():
+            p.grad = sum(c[name].grad for c in copies if c[name].grad is not None)
+        for c in copies:
+            for p in c.values():
+                p.grad = None
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_the_no_detach_arms_losses_are_full_bptt_training_in_float64():
+    windows, _ = _windows(4)
+    start = {name: w.clone() for name, w in _model("torch").state_dict().items()}
+    expected = _full_bptt_losses(start, windows, lr=0.1)
+    got = _training_losses(False, windows)
+    assert_rel_close(torch.tensor(got), torch.tensor(expected), 1e-10, "losses")
+    assert expected[3] != _training_losses(True, windows)[3]  # the reference is not the detach arm's

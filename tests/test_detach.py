@@ -1,13 +1,15 @@
-"""The Q2.1 report on what detach saves: its sentences from constructed numbers, its picture, and
-the report end to end on the small corpus."""
+"""The Q2.1 report on what detach saves: its sentences and its projection to an epoch from constructed
+numbers, its picture, and the report end to end on the small corpus."""
 import json
 
 import pytest
 
 from fastlm.cli import run_main
 from fastlm.compare import main as compare_main
+from fastlm.config import TrainConfig
 from fastlm.experiments.autograd_memory import FASTLM_ARM, USER_LOOPS
-from fastlm.experiments.detach import conclusions
+from fastlm.experiments.detach import loss_differences, project_epoch
+from fastlm.experiments.detach_report import conclusions, loss_sentences, projection_lines
 
 MiB = 2**20
 TINY = ["--embed-size", "16", "--hidden-size", "32", "--batch-size", "4", "--seq-len", "5", "--lr", "0.01",
@@ -83,16 +85,21 @@ def test_a_single_timing_is_called_a_timing():
                                                      "is 400% above window 1's timing, 0.1 s.")
 
 
-def test_the_picture_draws_the_mean_loss_the_initial_state_and_each_windows_weights(tmp_path):
+def test_the_picture_draws_both_cases_with_the_mean_loss_the_initial_state_and_each_windows_weights(tmp_path):
     from fastlm.figures import unrolled_graph
 
     texts = unrolled_graph(tmp_path / "graph.png", seq_len=3, chunks=2, nodes_with_detach=30, nodes_without=57)
     assert (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
-    assert "$L_{1} = \\frac{1}{3}(\\ell_{1} + \\ell_{2} + \\ell_{3})$" in texts
+    assert texts.count("$L_{1} = \\frac{1}{3}(\\ell_{1} + \\ell_{2} + \\ell_{3})$") == 2  # one per case
     assert "$L_{2} = \\frac{1}{3}(\\ell_{4} + \\ell_{5} + \\ell_{6})$" in texts
     assert not any("\\sum" in text for text in texts)  # the loss is a mean, as F.cross_entropy's
-    assert any(text.startswith("$h_0, c_0$") for text in texts)
+    assert sum(text.startswith("$h_0, c_0$") for text in texts) == 2
     assert "$W^{(1)}$: W before any update" in texts and "$W^{(2)}$: W after 1 update" in texts
+    assert any(text.startswith("With detach:") and "visits 30 autograd nodes" in text for text in texts)
+    assert any(text.startswith("Without detach:") and "to $h_0, c_0$" in text and "visits 57" in text
+               for text in texts)
+    assert "detach(): the state crosses,\nthe gradient stops here" in texts
+    assert {"forward: values", "backward: the gradient of $L_{2}$"} <= set(texts)
 
 
 def _run(argv, capsys):
@@ -121,11 +128,24 @@ def test_detach_report_with_repeats(corpus_dir, tmp_path, capsys):
     assert "more than 20% above the first window's slowest" in text
     assert "no detach: weight snapshots MiB" in text and "stops at window 2" in text
     assert "differs from the true one by a relative error of" in text
+    for heading in ("## Setting and baseline", "## Projected to one epoch", "## What full backpropagation buys",
+                    "## What this does not show"):
+        assert heading in text
+    command = next(line for line in text.splitlines() if line.startswith("    python -m fastlm.compare detach"))
+    assert command == ("    python -m fastlm.compare detach --chunks 3 --repeats 2 --eval-tokens 20000 "
+                       f"--data {corpus_dir} "
+                       "--embed-size 16 --hidden-size 32 --batch-size 4 --seq-len 5 --lr 0.01 --device cpu "
+                       "--out NEW_FOLDER")
+    losses = report["losses"]
+    assert losses[0]["difference"] == losses[1]["difference"] == 0 and report["losses_identical_across_repeats"]
+    assert report["projection"]["epoch_windows"] > 3 and report["projection"]["no_detach_bytes_per_window"] > 0
+    assert set(report["validation_loss"]) == {"untrained", "detach", "no-detach"}
     for png in ("detach_memory.png", "unrolled_graph.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--chunks", "0")])
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--chunks", "0"), ("--eval-tokens", "0")],
+                         ids=["repeats", "chunks", "eval-tokens"])
 def test_counts_below_one_are_refused_in_one_line(corpus_dir, tmp_path, capsys, flag, value):
     out = tmp_path / "detach"
     code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(out), flag, value, *TINY], capsys)
@@ -156,7 +176,7 @@ def test_growth_below_a_hundredth_of_a_mib_is_given_in_bytes_and_shrinking_is_ca
 
 
 def test_the_table_shows_cuda_peaks_on_a_gpu():
-    from fastlm.experiments.detach import _table
+    from fastlm.experiments.detach_report import _table
 
     rows = _rows([40, 80], [0, 18], FLAT[:2])
     for k, row in enumerate(rows, 1):
@@ -171,3 +191,57 @@ def test_more_chunks_than_the_data_holds_are_refused(corpus_dir, tmp_path, capsy
     code, printed = _run(["detach", "--data", str(corpus_dir), "--out", str(tmp_path / "d"), "--chunks", "100000",
                           *TINY], capsys)
     assert code == 2 and "windows of 5: use fewer --chunks" in printed.err
+
+
+def _timed(graph_mib, seconds):
+    return [{"chunk": k, "graph_bytes": int(mib * MiB), "step_s": s}
+            for k, (mib, s) in enumerate(zip(graph_mib, seconds), 1)]
+
+
+@pytest.mark.parametrize("no_detach_mib, no_detach_s, windows, available_mib, expected", [
+    # bytes 50 + 50·k MiB: 550 at window 10; time 0 + 1·k s: Σ_1..10 k = 55 s; 400 MiB hold windows 1 to 7
+    ([100, 150, 200], [1.0, 2.0, 3.0], 10, 400,
+     {"last_mib": 550, "per_window_mib": 50, "last_step_s": 10.0, "epoch_s": 55.0, "fits": 7}),
+    # least squares through (1, 1), (2, 2.5), (3, 3): slope 1, intercept 1/6; Σ_1..4 (1/6 + k) = 4/6 + 10
+    ([100, 150, 200], [1.0, 2.5, 3.0], 4, 10**6,
+     {"last_mib": 250, "per_window_mib": 50, "last_step_s": 4 + 1 / 6, "epoch_s": 10 + 4 / 6, "fits": 19999}),
+], ids=["exact-line", "noisy-time-least-squares"])
+def test_the_projection_is_linear_in_memory_and_quadratic_in_epoch_time(no_detach_mib, no_detach_s, windows,
+                                                                         available_mib, expected):
+    detach = _timed([40] * 3, [0.5] * 3)
+    p = project_epoch(detach, _timed(no_detach_mib, no_detach_s), windows, 10**4 * MiB, available_mib * MiB)
+    assert p["no_detach_last_window_bytes"] == pytest.approx(expected["last_mib"] * MiB)
+    assert p["no_detach_bytes_per_window"] == pytest.approx(expected["per_window_mib"] * MiB)
+    assert p["no_detach_last_step_s"] == pytest.approx(expected["last_step_s"])
+    assert p["no_detach_epoch_s"] == pytest.approx(expected["epoch_s"])
+    assert p["no_detach_windows_that_fit"] == expected["fits"]
+    assert (p["detach_bytes"], p["detach_epoch_s"]) == (40 * MiB, pytest.approx(0.5 * windows))
+
+
+def test_the_projection_says_when_the_graph_outgrows_the_machine_and_needs_two_windows():
+    detach, no_detach = _timed([40] * 3, [0.5] * 3), _timed([100, 150, 200], [1.0, 2.0, 3.0])
+    text = "\n".join(projection_lines(project_epoch(detach, no_detach, 10, 1000 * MiB, 400 * MiB), TrainConfig()))
+    assert "linear extrapolation from the 3 measured windows to all 10 windows" in text
+    assert "| the epoch's steps, in all | 5 s | 55 s |" in text
+    assert "550.00 MiB before the last window's backward, against 40.00 MiB with detach" in text
+    assert "outgrow that after window 7 of 10" in text and "11 times as long" in text
+    roomy = "\n".join(projection_lines(project_epoch(detach, no_detach, 10, None, 10**4 * MiB), TrainConfig()))
+    assert "so by this count the epoch would fit" in roomy
+    assert project_epoch(detach[:1], no_detach[:1], 10) is None
+    assert "pass --chunks 2 or more" in projection_lines(None, TrainConfig())[-1]
+
+
+def test_the_loss_sentences_say_where_the_arms_part_and_by_how_much():
+    rows = lambda losses: [{"chunk": k, "loss": loss} for k, loss in enumerate(losses, 1)]
+    losses = loss_differences(rows([5.0, 4.0, 3.0, 2.0]), rows([5.0, 4.0, 2.75, 2.5]))
+    assert [row["difference"] for row in losses] == [0.0, 0.0, -0.25, 0.5]
+    assert losses[3]["relative"] == 0.25
+    report = {"chunks": 4, "validation_tokens_scored": 1234, "repeats": 2, "losses_identical_across_repeats": True}
+    text = loss_sentences(losses, {"untrained": 6.0, "detach": 5.0, "no-detach": 4.75}, report)
+    assert text[0].startswith("The two arms' training losses are identical at windows 1 to 2 (window 1's gradient")
+    assert text[1] == ("From window 3 to 4 they differ by 0.3750 on average (+0.1250 signed), at most +0.5000 at "
+                       "window 4 (+25.00% of the detach arm's loss); no detach has the lower loss in 1 of these 2 "
+                       "windows.")
+    assert "score a loss of 5.0000 with detach and 4.7500 without (difference -0.2500, -5.00%)" in text[2]
+    assert "lowered it by 1.0000, and full backpropagation changed the result by -0.2500, -25.0% of that" in text[2]
+    assert text[3] == "The training losses were identical in all 2 repeats."

@@ -1,6 +1,10 @@
 """The comparison reports, end to end on the small corpus."""
+import collections
 import json
 import math
+import os
+import shutil
+import signal
 
 import pytest
 import torch
@@ -22,77 +26,188 @@ def _run(argv, capsys):
     return exit_info.value.code, capsys.readouterr()
 
 
+def _trained_configs(monkeypatch) -> list:
+    import fastlm.experiments.teacher_forcing_runs
+
+    configs, real_train = [], fastlm.experiments.teacher_forcing_runs.train
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing_runs, "train",
+                        lambda cfg, **resume: (configs.append((cfg, resume)), real_train(cfg, **resume))[1])
+    return configs
+
+
 def test_teacher_forcing_report(corpus_dir, tmp_path, capsys, monkeypatch):
-    import fastlm.experiments.teacher_forcing
-    import fastlm.figures
+    import matplotlib.axes
 
-    configs, real_train = [], fastlm.experiments.teacher_forcing.train
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
-                        lambda cfg: (configs.append(cfg), real_train(cfg))[1])
-    drawn, real_curves = [], fastlm.figures.curves
-
-    def curves(path, panels, title):
-        drawn.append(panels)
-        return real_curves(path, panels, title)
-
-    monkeypatch.setattr(fastlm.figures, "curves", curves)
+    configs = _trained_configs(monkeypatch)
+    lines, real_plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **k: (lines.append((k.get("label"), k.get("color"), list(a[0]))),
+                                             real_plot(ax, *a, **k))[1])
     out = tmp_path / "tf"
-    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "40",
-                          "--seeds", "2", "--eval-interval", "4", "--pair", "w1/w2", "--eval-tokens", "60", *TINY],
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
+                          "--seeds", "2", "--eval-interval", "4", "--pair", "w1/w2", "--eval-tokens", "60",
+                          "--arm", "0", "--arm", "0::sample:1", "--sweep", "0,0.5,1", "--sweep-seeds", "1", *TINY],
                          capsys)
     assert code == 0, printed.err
-    # Two seeds per arm, each seed's arms from the same start, both eager in fp32.
-    assert [(c.seed, c.teacher_forcing) for c in configs] == [(1234, 1.0), (1234, 0.0), (1235, 1.0), (1235, 0.0)]
-    assert {(c.amp, c.cuda_graphs) for c in configs} == {("off", False)}
+    # Two seeds per arm unless an arm says fewer, each seed's arms from the same start, all eager in
+    # fp32; the sweep's P = 0 and P = 1 are the arms' runs, so only P = 0.5 trains for it.
+    assert [(c.seed, c.teacher_forcing, c.free_running_token) for c, _ in configs] == [
+        (1234, 1.0, "argmax"), (1235, 1.0, "argmax"), (1234, 0.0, "argmax"), (1235, 0.0, "argmax"),
+        (1234, 0.0, "sample"), (1234, 0.5, "argmax")]
+    assert {(c.amp, c.cuda_graphs) for c, _ in configs} == {("off", False)}
     report = json.loads((out / "report.json").read_text())
-    runs, facts = report["runs"], report["facts"]
-    for arm in ("teacher-forced", "free-running"):
+    runs, facts = report["runs"], report["facts"]["free-running"]
+    assert list(runs) == [TF, FR, "free-running (sampled)", "P = 0.5"]
+    assert list(report["facts"]) == [FR, "free-running (sampled)"]
+    # The one-seed arm is compared with the teacher-forced run of its seed alone.
+    sampled = report["facts"]["free-running (sampled)"]
+    assert sampled["valid"][TF]["values"] == [runs[TF][0]["valid_ppl"]] and sampled["valid_test"] is None
+    for arm in (TF, FR):
         assert [r["seed"] for r in runs[arm]] == [1234, 1235]
-        assert all([s for s, _ in r["valid"]] == [4 * k for k in range(1, 11)] for r in runs[arm])
-        # The reported perplexity is the teacher-forced one of the saved model.
-        model, dictionary, _ = load_model(out / arm / "seed-1235")
+        assert all([s for s, _ in r["valid"]] == [4 * k for k in range(1, 6)] for r in runs[arm])
+        # The reported perplexities are the teacher-forced ones of the saved model, state carried
+        # through the split and reset at every window.
+        model, dictionary, _ = load_model(out / "runs" / ("teacher-forced" if arm == TF else "P0-argmax") / "seed-1235")
         valid = batchify(Corpus(corpus_dir, dictionary).valid, 3)
         assert runs[arm][1]["valid_ppl"] == pytest.approx(perplexity(evaluate(model, valid, 5)), rel=1e-9)
+        assert runs[arm][1]["valid_ppl_reset"] == pytest.approx(perplexity(_loss_reset_per_window(model, valid, 5)),
+                                                                rel=1e-6)  # float32 sums against float64
         values = [r["valid_ppl"] for r in runs[arm]]
         assert facts["valid"][arm]["mean"] == pytest.approx((values[0] * values[1]) ** 0.5)  # geometric
         assert (facts["valid"][arm]["min"], facts["valid"][arm]["max"]) == (min(values), max(values))
     # The default target: the level every seed of the worse arm had reached by its last evaluation
     # (when each improved on its first); per seed, the first evaluation at or below it.
     target = facts["target"]
-    worse = max(runs, key=lambda arm: runs[arm][0]["valid_ppl"] * runs[arm][1]["valid_ppl"])
+    worse = max((TF, FR), key=lambda arm: runs[arm][0]["valid_ppl"] * runs[arm][1]["valid_ppl"])
     assert target["worse"] == worse
     assert all(r["valid"][-1][1] < r["valid"][0][1] for r in runs[worse])
     assert target["ppl"] == max(runs[worse][0]["valid"][-1][1], runs[worse][1]["valid"][-1][1])
-    for arm in runs:
+    for arm in (TF, FR):
         assert target["reached"][arm] == [next((step for step, ppl in r["valid"] if ppl <= target["ppl"]), None)
                                           for r in runs[arm]]
-    assert "seed-to-seed" not in report["conclusion"] and "## Conclusion" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## Conclusions" in text and "## Baselines" in text and "## What this does not show" in text
+    assert "P = 0: every input after the epoch's first word is the model's own prediction" in text
     assert (out / "teacher_forcing.png").read_bytes()[:4] == b"\x89PNG"
-    # The plot: teacher-forced validation with its band over seeds; the training losses labelled as
-    # measured on different inputs.
-    (valid_panel, train_panel), = drawn
-    steps, mean, low, high = valid_panel["series"]["teacher-forced"]
-    seed_curves = [[ppl for _, ppl in r["valid"]] for r in runs["teacher-forced"]]
-    assert list(steps) == [4 * k for k in range(1, 11)] and list(low) == [min(c) for c in zip(*seed_curves)]
-    assert list(high) == [max(c) for c in zip(*seed_curves)]
-    assert list(mean) == pytest.approx([(a * b) ** 0.5 for a, b in zip(*seed_curves)])  # geometric
-    assert "teacher-forced" in valid_panel["title"] and "not comparable" in train_panel["title"]
-    assert len(runs["teacher-forced"][0]["samples"]) == 3 and runs["teacher-forced"][1]["samples"] == []
+    # The curves: one line per seed and arm, each the seed's own validation-sample points.
+    curves = [(colour, xs) for _, colour, xs in lines if xs != [0.0, 0.5, 1.0]]  # the rest: the sweep's means
+    assert len(curves) == 5 and len({colour for colour, _ in curves}) == 3
+    assert all(xs == [4 * k for k in range(1, 6)] for _, xs in curves)
+    sweep = report["study"]["sweep"]
+    assert [row["p"] for row in sweep] == [0.0, 0.5, 1.0] and sweep[0]["valid_ppl"]["values"] == [
+        runs[FR][0]["valid_ppl"]]
+    assert len(runs[TF][0]["samples"]) == 3 and runs[TF][1]["samples"] == []
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), *TINY], capsys)
     assert code == 2 and "is not empty" in printed.err
 
 
+def _loss_reset_per_window(model, rows, seq_len) -> float:
+    """Mean cross-entropy with every window read from a zero state, by hand."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, rows.shape[1] - 1, seq_len):
+            inputs = rows[:, start:start + seq_len]
+            targets = rows[:, start + 1:start + 1 + seq_len]
+            inputs = inputs[:, :targets.shape[1]]
+            logits, _ = model(inputs, None)
+            total += F.cross_entropy(logits.double(), targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+    return total / count
+
+
+def test_the_unigram_baseline_is_the_word_count_of_train_txt(corpus_dir, tmp_path, capsys, monkeypatch):
+    """The report's unigram row against a count done here from the text files alone."""
+    _trained_configs(monkeypatch)
+    out = tmp_path / "tf"
+    code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "8",
+                          "--seeds", "1", "--pair", "w1/w2", "--eval-tokens", "60", "--arm", "0", "--sweep", "none",
+                          *TINY], capsys)
+    assert code == 0, printed.err
+    baseline = json.loads((out / "report.json").read_text())["study"]["baseline"]
+    words = lambda split: [w for line in (corpus_dir / f"{split}.txt").read_text().splitlines()
+                           for w in line.split() + ["<eos>"]]
+    counts = collections.Counter(words("train"))
+    total = sum(counts.values())
+    for split in ("valid", "test"):
+        ids = words(split)
+        width = len(ids) // 3  # evaluate's 3 rows, every token after a row's first a target
+        targets = [w for row in range(3) for w in ids[row * width + 1:(row + 1) * width]]
+        want = math.exp(-sum(math.log(counts[w] / total) for w in targets) / len(targets))
+        assert baseline["unigram"][split] == pytest.approx(want, rel=1e-12)
+    # The untrained model scores about the vocabulary size (13 words and <eos>... here 14).
+    assert 0.5 * 14 < baseline["untrained"]["valid"][0] < 2 * 14
+
+
+def test_ptb_unigram_perplexity(ptb_dir):
+    from fastlm.data import load_corpus
+    from fastlm.experiments.baselines import unigram_loss
+
+    corpus = load_corpus(ptb_dir)
+    # A word count of PTB's train.txt predicts its validation text at about 687 (the issue's figure).
+    assert perplexity(unigram_loss(corpus.train, batchify(corpus.valid, 10), len(corpus.dictionary))) == (
+        pytest.approx(686.92, abs=0.01))
+
+
+@pytest.mark.parametrize("dim", [16, 128, 1024], ids=lambda d: f"d{d}")
+def test_random_vectors_are_at_distance_one_give_or_take_one_over_root_d(dim):
+    from fastlm.experiments.baselines import closed_form_distance, distance_spread
+
+    assert closed_form_distance(dim) == (1.0, 1 / math.sqrt(dim))
+    # Rows as torch initialises an embedding, N(0, 1): the sampled spread matches the closed form
+    # within its sampling error (200,000 pairs of 5,000 rows: the mean to 5 standard errors of
+    # independent pairs, the pairs sharing rows; the sd to 2%).
+    mean, sd = distance_spread(torch.randn(5000, dim, generator=torch.Generator().manual_seed(dim)), pairs=200_000)
+    assert abs(mean - 1) < 5 * (1 / math.sqrt(dim)) / math.sqrt(200_000)
+    assert sd == pytest.approx(1 / math.sqrt(dim), rel=0.02)
+
+
+def test_a_stopped_comparison_goes_on_with_the_runs_it_has(corpus_dir, tmp_path, capsys, monkeypatch):
+    from fastlm.training.trainer import Run, train
+
+    flags = ["teacher-forcing", "--data", str(corpus_dir), "--steps", "12", "--seeds", "1", "--pair", "w1/w2",
+             "--eval-tokens", "60", "--eval-interval", "4", "--arm", "0", "--sweep", "none", "--runs",
+             str(tmp_path / "runs"), *TINY]
+    configs = _trained_configs(monkeypatch)
+    code, printed = _run([*flags, "--out", str(tmp_path / "first")], capsys)
+    assert code == 0, printed.err
+    first = json.loads((tmp_path / "first" / "report.json").read_text())["runs"]
+    # The free-running run stopped half-way, as Ctrl-C leaves it: a checkpoint at step 6 of 12.
+    fr_cfg = configs[1][0]
+    shutil.rmtree(fr_cfg.out)
+    real_step = Run.train_step
+
+    def interrupted_at_step_6(run, *args):
+        real_step(run, *args)
+        if run.global_step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Run, "train_step", interrupted_at_step_6)
+    assert train(fr_cfg).interrupted
+    monkeypatch.setattr(Run, "train_step", real_step)
+    configs.clear()
+    code, printed = _run([*flags, "--out", str(tmp_path / "second")], capsys)
+    assert code == 0, printed.err
+    # The finished teacher-forced run is reused, the stopped one resumed, and the report is the same.
+    assert [(cfg.teacher_forcing, resume) for cfg, resume in configs] == [(0.0, {"resume": fr_cfg.out})]
+    second = json.loads((tmp_path / "second" / "report.json").read_text())["runs"]
+    for arm in first:
+        assert [r["valid_ppl"] for r in second[arm]] == pytest.approx([r["valid_ppl"] for r in first[arm]], rel=1e-6)
+    # A runs folder holding another setting is refused, naming the setting.
+    code, printed = _run([*flags, "--out", str(tmp_path / "third"), "--lr", "0.02"], capsys)
+    assert code == 2 and "holds a run with another lr (0.01, this experiment's is 0.02)" in printed.err, printed.err
+
+
 def test_an_interrupted_arm_stops_the_comparison_without_a_report(corpus_dir, tmp_path, capsys, monkeypatch):
-    import fastlm.experiments.teacher_forcing
+    import fastlm.experiments.teacher_forcing_runs
     from fastlm.training.trainer import TrainResult
 
     # A Ctrl-C inside train() ends that run early and returns normally: it must not be compared as a
     # run of the full budget.
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing_runs, "train",
                         lambda cfg: TrainResult(cfg.out, 3, [], None, None, None, interrupted=True))
     out = tmp_path / "tf"
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
-                          "--pair", "w1/w2", *TINY],
+                          "--pair", "w1/w2", "--sweep", "none", *TINY],
                          capsys)
     assert code == 130 and "interrupted" in printed.err and not (out / "report.md").exists()
 
@@ -105,21 +220,22 @@ def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
         text.write("w1 zebra\n")
     out = tmp_path / "tf"
     code, printed = _run(["teacher-forcing", "--data", str(corpus_dir), "--out", str(out), "--steps", "20",
-                          "--seeds", "1", "--pair", "zebra/w1", "--eval-tokens", "60", *TINY], capsys)
+                          "--seeds", "1", "--pair", "zebra/w1", "--eval-tokens", "60", "--arm", "0", "--sweep", "none",
+                          *TINY], capsys)
     assert code == 0, printed.err
     report = json.loads((out / "report.json").read_text())
-    pair = report["facts"]["pairs"]["zebra/w1"]
+    pair = report["facts"][FR]["pairs"]["zebra/w1"]
     assert pair["fed"]["zebra"] == 0 and pair["updated"]["teacher-forced"] == {"zebra": 0, "w1": 1}
     # Independently: the untrained model of that seed, built by hand, has the same row and distance.
-    dictionary = load_model(out / "teacher-forced" / "seed-1234")[1]
+    dictionary = load_model(out / "runs" / "teacher-forced" / "seed-1234")[1]
     torch.manual_seed(1234)
     untrained = RNNLM(len(dictionary), 16, 32).embed.weight.detach().double()
-    trained = load_model(out / "teacher-forced" / "seed-1234")[0].embed.weight.detach().double()
+    trained = load_model(out / "runs" / "teacher-forced" / "seed-1234")[0].embed.weight.detach().double()
     zebra, w1 = dictionary.word2idx["zebra"], dictionary.word2idx["w1"]
     assert torch.equal(trained[zebra], untrained[zebra]) and not torch.equal(trained[w1], untrained[w1])
     start = 1 - F.cosine_similarity(untrained[zebra], untrained[w1], dim=0).item()
     assert pair["start"]["mean"] == pytest.approx(start, abs=1e-12)
-    conclusion = report["conclusion"]
+    conclusion = report["conclusions"][FR]
     assert "'zebra' does not occur in the text trained on" in conclusion
     assert "never updated the vector of 'zebra': it is still the untrained one" in conclusion
     assert "With one seed this difference cannot be told from seed-to-seed noise" in conclusion
@@ -135,18 +251,24 @@ def test_a_word_never_fed_is_reported_untouched(corpus_dir, tmp_path, capsys):
     (["--eval-tokens", "0"], "--eval-tokens must be at least 1, got 0"),
     (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
     (["--steps", "50", "--eval-interval", "60"], "--eval-interval 60 leaves no evaluation within --steps 50: lower it"),
-    (["--free-running", "2"], "error: --free-running is a probability in [0, 1], got 2.0"),
-    (["--schedule", "bogus"], "error: unknown --schedule 'bogus': choose constant, linear"),
+    (["--arm", "2"], "error: --arm/--sweep P is a probability in [0, 1], got 2.0"),
+    (["--sweep", "0,-1"], "error: --arm/--sweep P is a probability in [0, 1], got -1.0"),
+    (["--sweep", "0,half"], "error: argument --sweep: '0,half': give probabilities joined by commas"),
+    (["--arm", "1:bogus"], "error: unknown --arm's schedule 'bogus': choose constant, linear"),
+    (["--arm", "0:constant:best"], "error: --arm's token must be argmax or sample, got 'best'"),
+    (["--arm", "zero"], "error: --arm zero: write P[:schedule[:token[:seeds]]], P a probability"),
+    (["--arm", "0::sample:0"], "error: --arm 0::sample:0: its seeds must be at least 1, got 0"),
     (["--seed", str(2**63 - 2), "--seeds", "3"], f"--seeds 3 from --seed {2**63 - 2} reach seed {2**63}, above "
                                                  f"2**63 - 1: use a --seed of at most {2**63 - 3}"),
 ], ids=["three-words", "one-word", "unknown-word", "target-nan", "target-below-1", "no-seeds", "eval-tokens-0",
-        "eval-interval-0", "eval-interval-beyond-steps", "free-running-above-1", "unknown-schedule",
+        "eval-interval-0", "eval-interval-beyond-steps", "arm-above-1", "sweep-below-0", "sweep-not-a-number",
+        "unknown-schedule", "unknown-token", "arm-not-a-number", "arm-without-seeds",
         "seeds-beyond-64-bits"])
 def test_teacher_forcing_flags_are_checked_before_any_training(corpus_dir, tmp_path, capsys, monkeypatch, extra,
                                                                 message):
-    import fastlm.experiments.teacher_forcing
+    import fastlm.experiments.teacher_forcing_runs
 
-    monkeypatch.setattr(fastlm.experiments.teacher_forcing, "train",
+    monkeypatch.setattr(fastlm.experiments.teacher_forcing_runs, "train",
                         lambda cfg: pytest.fail("trained before checking the flags"))
     with pytest.raises(SystemExit) as exit_info:
         run_main(compare_main, ["teacher-forcing", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
@@ -242,11 +364,13 @@ def facts_of_runs(valid_tf, valid_fr, curves=None, given=None, start=None, tf=No
     curves = curves or {TF: [flat(v) for v in valid_tf], FR: [flat(v) for v in valid_fr]}
     distances = {TF: tf or start, FR: fr or start}
     updated = updated or {arm: {"army": seeds, "taxpayer": seeds} for arm in (TF, FR)}
-    runs = {arm: [{"valid_ppl": ppl, "test_ppl": ppl, "valid": curves[arm][k], "valid_tokens": 20000,
-                   "distances": {"army/taxpayer": distances[arm][k]},
+    runs = {arm: [{"valid_ppl": ppl, "test_ppl": ppl, "valid_ppl_reset": ppl, "test_ppl_reset": ppl,
+                   "valid": curves[arm][k], "valid_tokens": 20000, "distances": {"army/taxpayer": distances[arm][k]},
+                   "output_distances": {"army/taxpayer": distances[arm][k]},
                    "updated": {w: k < updated[arm][w] for w in ("army", "taxpayer")}}
                   for k, ppl in enumerate(valid)] for arm, valid in ((TF, valid_tf), (FR, valid_fr))}
-    return facts(runs, [{"army/taxpayer": d} for d in start], [("army", "taxpayer")], {"army": fed, "taxpayer": fed},
+    start = {matrix: [{"army/taxpayer": d} for d in start] for matrix in ("input", "output")}
+    return facts(runs, start, [("army", "taxpayer")], {"army": fed, "taxpayer": fed},
                  50, list(range(seeds)), 5, given, names or {TF: TF, FR: FR})
 
 
@@ -292,7 +416,7 @@ def test_the_t_tests_match_hand_computed_values():
         "free-running-better"])
 def test_the_perplexity_conclusion_calls_a_difference_only_beyond_the_seeds_spread(valid_tf, valid_fr, says,
                                                                                     never_says):
-    from fastlm.experiments.teacher_forcing_report import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing_conclusions import _perplexity_sentences
 
     text = _perplexity_sentences(facts_of_runs(valid_tf, valid_fr))
     assert says in text and never_says not in text, text
@@ -312,7 +436,7 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
       FR: [SLOW, _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 118), SLOW]}, None,
      ["Every free-running model had reached", "of 120.00 by its last evaluation (step 50; the highest of their "
       "last points); that level was first reached at step 15, 15, 20 by the teacher-forced models and 50, 50, 50 by "
-      "the free-running ones (per seed; validation every 5 steps on the first 20000 validation tokens, so each step "
+      "the free-running ones (per seed; the validation sample, 20,000 tokens, evaluated every 5 steps, so each step "
       "is known to within 5).", "The teacher-forced models got there sooner (Welch's t-test"]),
     ({TF: [FAST, SLOW, FAST], FR: [SLOW, FAST, SLOW]}, 120.0,
      ["Validation-sample perplexity 120.00 (--target-ppl) was first reached at step 15, 50, 15 by the",
@@ -326,19 +450,19 @@ SLOW = _curve(250, 220, 200, 180, 160, 150, 140, 130, 125, 120)
       "worked towards"]),
 ], ids=["sooner", "not-separated", "not-every-seed", "a-worse-seed-never-improved"])
 def test_steps_to_the_target_are_per_seed_with_their_resolution(curves, given, says):
-    from fastlm.experiments.teacher_forcing_report import _target_sentences
+    from fastlm.experiments.teacher_forcing_conclusions import _target_sentences
 
     text = _target_sentences(facts_of_runs([90.0, 91.0, 92.0], [120.0, 121.0, 122.0], curves=curves, given=given))
     assert all(part in text for part in says), text
 
 
 def test_one_seed_times_the_target_without_a_test():
-    from fastlm.experiments.teacher_forcing_report import _target_sentences
+    from fastlm.experiments.teacher_forcing_conclusions import _target_sentences
 
     text = _target_sentences(facts_of_runs([90.0], [120.0], curves={TF: [FAST], FR: [SLOW]}))
     assert text == ("The free-running model had reached a validation-sample perplexity of 120.00 by its last "
                     "evaluation (step 50); that level was first reached at step 15 by the teacher-forced model and 50 "
-                    "by the free-running one (validation every 5 steps on the first 20000 validation tokens, so each "
+                    "by the free-running one (the validation sample, 20,000 tokens, evaluated every 5 steps, so each "
                     "step is known to within 5).")
 
 
@@ -356,7 +480,7 @@ def test_curves_evaluated_at_different_steps_are_refused():
     ([100.0, 100.0, 100.0], [100.0 + 1e-9, 100.0 + 1e-9, 100.0 + 1e-9], "equal to the precision printed"),
 ], ids=["one-diverged", "two-diverged", "apart-by-rounding"])
 def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_fr, says):
-    from fastlm.experiments.teacher_forcing_report import conclusion_of
+    from fastlm.experiments.teacher_forcing_conclusions import conclusion_of
 
     text = conclusion_of(facts_of_runs(valid_tf, valid_fr))
     assert says in text and "better" not in text and "sooner" not in text, text
@@ -388,7 +512,7 @@ def test_diverged_or_identical_arms_are_said_so_and_not_tested(valid_tf, valid_f
      ["Neither way of training moved this pair: there is nothing to compare"], "closer"),
 ], ids=["untouched-one-seed", "paired-changes", "untouched-against-moved", "within-the-spread-and-rare", "unmoved"])
 def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says, never_says):
-    from fastlm.experiments.teacher_forcing_report import _distance_sentences
+    from fastlm.experiments.teacher_forcing_conclusions import _distance_sentences
 
     seeds = kwargs.pop("valid")
     text = _distance_sentences(facts_of_runs([100.0] * seeds, [101.0] * seeds, **kwargs), "army/taxpayer")
@@ -396,8 +520,8 @@ def test_the_distance_conclusion_shows_the_start_and_untouched_rows(kwargs, says
 
 
 def test_a_mixed_second_arm_is_named_by_its_probability():
-    from fastlm.experiments.teacher_forcing_report import _perplexity_sentences
+    from fastlm.experiments.teacher_forcing_conclusions import _perplexity_sentences
 
-    names = {TF: TF, FR: "P=0.5 (linear)"}
+    names = {TF: TF, FR: "P = 0.5"}
     text = _perplexity_sentences(facts_of_runs([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))
-    assert "111.00 (110.00–112.00) for the P=0.5 (linear) ones" in text and "likely reason" not in text, text
+    assert "111.00 (110.00–112.00) for the P = 0.5 ones" in text and "likely reason" not in text, text

@@ -92,6 +92,8 @@ def facts_of_runs(runs, start, pairs, fed, steps, seeds, eval_interval, target_p
         "valid_tokens": runs[TF][0]["valid_tokens"],
         "valid": {arm: _ppl_spread(valid[arm]) for arm in ARMS},
         "test": {arm: _ppl_spread([r["test_ppl"] for r in runs[arm]]) for arm in ARMS},
+        "valid_reset": {arm: _ppl_spread([r["valid_ppl_reset"] for r in runs[arm]]) for arm in ARMS},
+        "test_reset": {arm: _ppl_spread([r["test_ppl_reset"] for r in runs[arm]]) for arm in ARMS},
         "diverged": diverged,
         # On the losses (log-perplexities), the scale a model is trained and judged on.
         "valid_test": None if any(diverged.values()) else
@@ -101,20 +103,38 @@ def facts_of_runs(runs, start, pairs, fed, steps, seeds, eval_interval, target_p
                    "first_last": [(run["valid"][0][1], run["valid"][-1][1]) for run in runs[worse]],
                    "reached": reached if timed else None,
                    "test": t_test(reached[TF], reached[FR], paired=False) if timed and all_reached else None},
-        "pairs": {f"{a}/{b}": _pair_facts(runs, [s[f"{a}/{b}"] for s in start], f"{a}/{b}", fed, (a, b))
-                  for a, b in pairs},
+        "pairs": {f"{a}/{b}": _pair_facts(runs, start, f"{a}/{b}", fed, (a, b)) for a, b in pairs},
     }
 
 
-def _pair_facts(runs, start: list[float], pair: str, fed: dict, words) -> dict:
+def _pair_facts(runs, start: dict, pair: str, fed: dict, words) -> dict:
+    """`start`: each seed's untrained distances per matrix ("input", "output"). The input embedding's
+    are tested: it is the matrix the question asks about."""
     after = {arm: [r["distances"][pair] for r in runs[arm]] for arm in ARMS}
+    start = {matrix: [distances[pair] for distances in start[matrix]] for matrix in start}
+    output = {arm: [r["output_distances"][pair] for r in runs[arm]] for arm in ARMS}
     return {
-        "start": _spread(start), **{arm: _spread(after[arm]) for arm in ARMS},
-        "change": {arm: _spread([a - b for a, b in zip(after[arm], start)]) for arm in ARMS},
+        "start": _spread(start["input"]), **{arm: _spread(after[arm]) for arm in ARMS},
+        "output": {"start": _spread(start["output"]), **{arm: _spread(output[arm]) for arm in ARMS}},
+        "change": {arm: _spread([a - b for a, b in zip(after[arm], start["input"])]) for arm in ARMS},
         "test": t_test(after[TF], after[FR], paired=True),
         "fed": {w: fed[w] for w in words},
         "updated": {arm: {w: sum(r["updated"][w] for r in runs[arm]) for w in words} for arm in ARMS},
     }
+
+
+def sweep_facts(runs_by_p: dict[float, list[dict]], unigram: dict) -> list[dict]:
+    """Per P of the sweep (rising): each seed's perplexities, their geometric means, and how many
+    seeds end below the unigram's validation perplexity."""
+    facts = []
+    for p in sorted(runs_by_p):
+        runs = runs_by_p[p]
+        row = {"p": p, "seeds": [r["seed"] for r in runs]}
+        for key in ("valid_ppl", "valid_ppl_reset", "test_ppl", "test_ppl_reset"):
+            row[key] = _ppl_spread([r[key] for r in runs])
+        row["below_unigram"] = sum(r["valid_ppl"] < unigram["valid"] for r in runs)
+        facts.append(row)
+    return facts
 
 
 def band(curves: list[list], mean) -> tuple[list, list, list, list]:

@@ -1,206 +1,216 @@
-"""The teacher-forcing comparison written up: the conclusion (every sentence computed from the
-facts `teacher_forcing_facts.facts_of_runs` draws from the runs), report.md and the curves' PNG."""
+"""The teacher-forcing comparison written up: report.md (its setting, baselines, tables, samples,
+conclusions and what it does not show) and the curves' PNG."""
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 
 from fastlm import figures
 from fastlm.config import TrainConfig
-from fastlm.experiments.teacher_forcing_facts import ARMS, FR, OPTIMIZER_NAMES, RARE_BELOW, TF, band, geometric_mean
-
-# -- the conclusion: each sentence follows from the facts ------------------------------------------
-
-def _step_count(count: int) -> str:
-    return "step" if count == 1 else f"{count} steps"
-
-
-def _fmt(spread: dict, digits: int = 2) -> str:
-    """mean ± standard deviation; a perplexity spread (no deviation) as geometric mean (lowest–highest)."""
-    if len(spread["values"]) == 1:
-        return f"{spread['mean']:.{digits}f}"
-    if "sd" not in spread:
-        return f"{spread['mean']:.{digits}f} ({_range(spread, digits)})"
-    return f"{spread['mean']:.{digits}f} ± {spread['sd']:.{digits}f}"
-
-
-def _range(spread: dict, digits: int = 2) -> str:
-    return f"{spread['min']:.{digits}f}–{spread['max']:.{digits}f}"
-
-
-def _plural(facts: dict) -> str:
-    return "s" if len(facts["seeds"]) > 1 else ""
-
-
-def _test_said(test: dict, of: str) -> str:
-    kind = "a paired t-test" if test["paired"] else "Welch's t-test"
-    return f"{kind} on the seeds' {of}: t = {test['t']:.3g}, {test['df']} degree{'s' * (test['df'] > 1)} of freedom"
-
-
-def conclusion_of(facts: dict) -> str:
-    sentences = [_perplexity_sentences(facts), _target_sentences(facts)]
-    sentences += [_distance_sentences(facts, pair) for pair in facts["pairs"]]
-    return " ".join(sentences)
-
-
-def _perplexity_sentences(facts: dict) -> str:
-    valid, test, names, n = facts["valid"], facts["test"], facts["names"], len(facts["seeds"])
-    plural = _plural(facts)
-    over = f" (geometric mean over {n} seeds, lowest–highest in brackets)" if n > 1 else " (one seed)"
-    text = (f"After {facts['steps']} steps the validation perplexity is {_fmt(valid[TF])} for the {names[TF]} "
-            f"model{plural} and {_fmt(valid[FR])} for the {names[FR]} one{plural}{over}; test perplexity "
-            f"{_fmt(test[TF])} and {_fmt(test[FR])}.")
-    verdict = facts["valid_test"]
-    if any(facts["diverged"].values()):
-        counts = " and ".join(f"{k} of the {n} {names[arm]} seed{'s' * (n > 1)}"
-                              for arm, k in facts["diverged"].items() if k)
-        return text + (f" {counts[0].upper()}{counts[1:]} ended with a non-finite perplexity (diverged): no test is "
-                       "made.")
-    if verdict is None:
-        return text + (" One seed cannot tell a difference from seed-to-seed noise: run --seeds 3 or more before "
-                       "calling either way of training better.")
-    test_said = _test_said(verdict, "log-perplexities")
-    if verdict["lower"] is None:
-        apart = [arm for arm in ARMS if valid[arm]["max"] < valid[FR if arm == TF else TF]["min"]]
-        if apart:
-            lower, higher = apart[0], FR if apart[0] == TF else TF
-            return text + (f" Every {names[lower]} seed is better than every {names[higher]} seed, but with {n} "
-                           f"seeds and this spread that is not significant at the 5% level ({test_said}): run more "
-                           "seeds to settle it.")
-        return text + f" No clear difference at this budget ({test_said}, not significant at the 5% level)."
-    better, worse = verdict["lower"], FR if verdict["lower"] == TF else TF
-    gap = 100 * (valid[worse]["mean"] - valid[better]["mean"]) / valid[worse]["mean"]
-    if f"{gap:.1f}" == "0.0":  # seeds that agree to the last digit: a "difference" too small to print
-        return text + " The two are equal to the precision printed: no difference to call."
-    text += (f" The {names[better]} models are better, {gap:.1f}% lower ({test_said}, significant at the 5% "
-             "level).")
-    if better == TF and facts["names"][FR] == FR:
-        text += (" A likely reason, which this report does not measure: free running feeds a model its own "
-                 "predictions, mostly wrong early in training, so its gradients come from inputs unlike the text "
-                 "it is judged on.")
-    return text
-
-
-def _target_sentences(facts: dict) -> str:
-    target, names, every, seeds = facts["target"], facts["names"], facts["eval_interval"], facts["seeds"]
-    worse, plural = names[target["worse"]], _plural(facts)
-    if target["ppl"] is None:
-        ends = "; ".join(f"seed {seed}: {first:.2f} → {last:.2f}" for seed, (first, last) in
-                         zip(seeds, target["first_last"]))
-        return (f"Not every {worse} model ended below its first validation-sample perplexity (first → last "
-                f"evaluation, {ends}), so there is no level they all worked towards whose reaching could be timed "
-                "(pass --target-ppl to time one).")
-    steps_said = lambda steps: ", ".join(str(step) if step else "not reached" for step in steps)
-    if target["given"]:
-        text = f"Validation-sample perplexity {target['ppl']:.2f} (--target-ppl) was first reached at step"
-    else:
-        which = (f"Every {worse} model", "; the highest of their last points") if plural else (f"The {worse} model", "")
-        text = (f"{which[0]} had reached a validation-sample perplexity of {target['ppl']:.2f} by its last "
-                f"evaluation (step {facts['curves'][target['worse']][-1][0]}{which[1]}); that level was first reached "
-                "at step")
-    per_seed = "per seed; " if plural else ""
-    text += (f" {steps_said(target['reached'][TF])} by the {names[TF]} model{plural} and "
-             f"{steps_said(target['reached'][FR])} by the {names[FR]} one{plural} ({per_seed}validation every "
-             f"{_step_count(every)} on the first {facts['valid_tokens']} validation tokens, so each step is known "
-             f"to within {every}).")
-    verdict = target["test"]
-    if len(seeds) == 1:
-        return text
-    if verdict is None:
-        return text + " Not every seed reached it, so no difference in speed is called."
-    if verdict["lower"] is None:
-        return text + (f" The arms are not separated at this resolution ({_test_said(verdict, 'steps')}, not "
-                       "significant at the 5% level).")
-    return text + (f" The {names[verdict['lower']]} models got there sooner ({_test_said(verdict, 'steps')}, "
-                   "significant at the 5% level).")
-
-
-def _distance_sentences(facts: dict, pair: str) -> str:
-    pair_facts, names, n, plural = facts["pairs"][pair], facts["names"], len(facts["seeds"]), _plural(facts)
-    change = lambda arm: f"{pair_facts['change'][arm]['mean']:+.3f}"
-    text = (f"The cosine distance of {pair} is {_fmt(pair_facts['start'], 3)} before training, "
-            f"{_fmt(pair_facts[TF], 3)} after it for the {names[TF]} model{plural} (change {change(TF)}) and "
-            f"{_fmt(pair_facts[FR], 3)} for the {names[FR]} one{plural} (change {change(FR)}).")
-    for word, times in pair_facts["fed"].items():
-        if times == 0:
-            text += f" '{word}' does not occur in the text trained on."
-        elif times < RARE_BELOW:
-            text += f" '{word}' occurs only {times} time{'s' * (times > 1)} in the text trained on."
-    for arm in ARMS:
-        for word, updated in pair_facts["updated"][arm].items():
-            if updated == 0:
-                text += (f" The {names[arm]} model{plural} never updated the vector of '{word}': it is still the "
-                         "untrained one.")
-            elif updated < n:
-                text += f" The {names[arm]} models updated the vector of '{word}' in only {updated} of {n} seeds."
-    if all(pair_facts[arm]["values"] == pair_facts["start"]["values"] for arm in ARMS):
-        return text + " Neither way of training moved this pair: there is nothing to compare."
-    verdict = pair_facts["test"]
-    if verdict is None:
-        return text + " With one seed this difference cannot be told from seed-to-seed noise."
-    if verdict["lower"] is None:
-        return text + (f" Neither places them clearly closer ({_test_said(verdict, 'distances')}, not significant "
-                       "at the 5% level).")
-    significant = f"{_test_said(verdict, 'distances')}, significant at the 5% level"
-    unmoved = [arm for arm in ARMS if pair_facts[arm]["values"] == pair_facts["start"]["values"]]
-    if unmoved:  # a difference, but made by one arm alone: say which
-        moved = FR if unmoved[0] == TF else TF
-        direction = "closer together" if pair_facts["change"][moved]["mean"] < 0 else "apart"
-        return text + (f" Only the {names[moved]} models moved the pair, {direction} ({significant}); the "
-                       f"{names[unmoved[0]]} ones left it where it started.")
-    closer, farther = verdict["lower"], FR if verdict["lower"] == TF else TF
-    return text + f" The {names[closer]} models end with them closer than the {names[farther]} ones do ({significant})."
-
+from fastlm.experiments.teacher_forcing_conclusions import fmt, sweep_sentence, unigram_sentence
+from fastlm.experiments.teacher_forcing_facts import OPTIMIZER_NAMES, TF, geometric_mean
+from fastlm.files import write_output
 
 # -- the report's files ----------------------------------------------------------------------------
 
-def plot_curves(path: Path, runs: dict, facts: dict) -> None:
-    arm_band = lambda arm, key, mean: band([run[key] for run in runs[arm]], mean)  # noqa: E731
-    n, names = len(facts["seeds"]), facts["names"]
-    over = f"geometric mean over {n} seeds; band: lowest to highest" if n > 1 else "one seed"
-    figures.curves(path, [
-        {"title": f"validation perplexity, teacher-forced\n({over})", "xlabel": "step", "ylabel": "perplexity",
-         "log": True, "series": {names[arm]: arm_band(arm, "valid", geometric_mean) for arm in ARMS}},
-        {"title": "training loss, each on its own inputs\n(free running: on its fed-back predictions; not comparable)",
-         "xlabel": "step", "ylabel": "cross-entropy",
-         "series": {names[arm]: arm_band(arm, "train", statistics.fmean) for arm in ARMS}},
-    ], f"Teacher forcing vs {names[FR]}, {facts['steps']} steps")
+COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan")
 
 
-def write_markdown(path: Path, base: TrainConfig, facts: dict, runs: dict, num_samples: int, conclusion: str) -> None:
-    steps, seeds, target, names = facts["steps"], facts["seeds"], facts["target"], facts["names"]
+def plot_curves(path: Path, runs: dict[str, list[dict]], arms: list[str], study: dict) -> None:
+    """Left: each seed's validation-sample perplexity over training, one line per seed, a colour per
+    arm. Right (with a sweep): the full validation set's perplexity against P, a point per seed.
+    The unigram's perplexity is the dashed line on both."""
+    fmt, plt = figures.image_format(path), figures.pyplot()
+    sweep = study["sweep"]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 7, 4.8), squeeze=False)
+    curve_axis = axes[0][0]
+    for colour, arm in zip(itertools.cycle(COLOURS), arms):
+        for k, run in enumerate(runs[arm]):
+            steps, ppl = zip(*run["valid"])
+            curve_axis.plot(steps, ppl, color=colour, linewidth=1, alpha=0.8, label=arm if k == 0 else None)
+    curve_axis.axhline(study["baseline"]["unigram_sample"], color="grey", linestyle="--",
+                       label="unigram (word counts)")
+    sample = study["baseline"]["sample"]
+    curve_axis.set_title(f"perplexity on the validation sample (the first {sample['columns']:,} tokens of each\n"
+                         f"of its {sample['rows']} rows), one line per seed")
+    curve_axis.set_xlabel("step")
+    curve_axis.set_ylabel("perplexity (teacher-forced)")
+    figures.log_axis(curve_axis)
+    if sweep:
+        ax = axes[0][1]
+        for row in sweep:
+            ax.scatter([row["p"]] * len(row["valid_ppl"]["values"]), row["valid_ppl"]["values"], color=COLOURS[0], s=18)
+        ax.plot([row["p"] for row in sweep], [row["valid_ppl"]["mean"] for row in sweep], color=COLOURS[0],
+                label="geometric mean over seeds")
+        ax.axhline(study["baseline"]["unigram"]["valid"], color="grey", linestyle="--", label="unigram")
+        ax.set_title(f"validation perplexity (whole set) after {study['steps']} steps\nagainst P, constant, "
+                     "argmax fed back")
+        ax.set_xlabel("P (probability of feeding the true word)")
+        ax.set_ylabel("perplexity (teacher-forced)")
+        figures.log_axis(ax)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        write_output(path, lambda file: fig.savefig(file, format=fmt, dpi=120), example="teacher_forcing.png")
+    finally:
+        plt.close(fig)
+
+
+def write_markdown(path: Path, base: TrainConfig, study: dict, facts: dict, runs: dict, num_samples: int,
+                   conclusions: dict) -> None:
+    arms, seeds, baseline = study["arms"], study["seeds"], study["baseline"]
+    sample = baseline["sample"]
     n = len(seeds)
-    reach = lambda arm: ("—" if target["reached"] is None else
-                         ", ".join(str(step) if step else "not reached" for step in target["reached"][arm]))
-    lines = [f"# Teacher forcing vs {names[FR]} ({steps} steps, {n} seed{_plural(facts)})", "",
+    epochs = f"{study['epochs']:.3g} epoch{'s' * (study['epochs'] != 1)}"
+    minutes = sum(study["train_seconds"].values()) / 60
+    lines = [f"# Teacher forcing, free running and scheduled sampling ({study['steps']} steps = {epochs}, "
+             f"{n} seed{'s' * (n > 1)})", "",
              f"Model: embed {base.embed_size}, hidden {base.hidden_size}, {base.num_layers} layer(s); batch "
-             f"{base.batch_size}, seq_len {base.seq_len}, {OPTIMIZER_NAMES[base.optimizer]} lr {base.lr}; seeds "
-             f"{', '.join(map(str, seeds))}. Data: `{base.data}`. Both arms train eagerly in fp32, each seed from the "
-             "same initial weights. Perplexities are teacher-forced (the true previous word is always fed) for "
-             f"both; the {names[FR]} arm feeds back the model's own prediction with probability 1 − P, across "
-             "window edges too." + (" Perplexities are geometric means over the seeds (lowest–highest in brackets), "
-                                    "distances mean ± standard deviation." if n > 1 else ""),
-             "", "![curves](teacher_forcing.png)", "",
-             "Each training loss is measured on the inputs that model was fed, so the right panel compares "
-             "different quantities: the free-running loss is on its own fed-back predictions. Compare the models "
-             "on the left panel and the table.", "",
-             f"| | {names[TF]} | {names[FR]} |", "| --- | --- | --- |",
-             f"| validation perplexity | {_fmt(facts['valid'][TF])} | {_fmt(facts['valid'][FR])} |",
-             f"| test perplexity | {_fmt(facts['test'][TF])} | {_fmt(facts['test'][FR])} |",
-             f"| first step at validation-sample perplexity ≤ "
-             f"{'—' if target['ppl'] is None else format(target['ppl'], '.2f')}, per seed (evaluated every "
-             f"{_step_count(facts['eval_interval'])}) | {reach(TF)} | {reach(FR)} |"]
-    for pair, d in facts["pairs"].items():
-        lines.append(f"| cosine distance {pair} (before training: {_fmt(d['start'], 4)}) | {_fmt(d[TF], 4)} | "
-                     f"{_fmt(d[FR], 4)} |")
-        lines += [f"| vector of '{w}' updated ({d['fed'][w]} times in the true text trained on) | "
-                  f"{d['updated'][TF][w]} of {n} seeds | {d['updated'][FR][w]} of {n} seeds |" for w in d["fed"]]
-    lines += ["", "Per seed:", "", f"| seed | valid, {names[TF]} | valid, {names[FR]} | test, {names[TF]} | "
-              f"test, {names[FR]} |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {tf['seed']} | {tf['valid_ppl']:.2f} | {fr['valid_ppl']:.2f} | {tf['test_ppl']:.2f} | "
-              f"{fr['test_ppl']:.2f} |" for tf, fr in zip(runs[TF], runs[FR])]
-    lines += ["", f"## Greedy samples (seed {seeds[0]})", "", "Each `<eos>` is shown as ` / `.", ""]
+             f"{base.batch_size}, seq_len {base.seq_len}, {OPTIMIZER_NAMES[base.optimizer]} lr {base.lr}, clip "
+             f"{base.clip}; seeds {', '.join(map(str, seeds))}; trained on `{base.data}`'s train.txt for "
+             f"{study['steps']} steps ({epochs}). P is the probability that an input is the true previous word; "
+             "otherwise the model's own word is fed, and no gradient flows through that choice. Every arm trains "
+             "eagerly in fp32, each seed from the same initial weights. The arms:", ""]
+    lines += [f"- **{arm}**: {study['described'][arm]}" + _seeds_said(study["arm_seeds"][arm], seeds)
+              for arm in arms]
+    if study["sweep"]:
+        values = ", ".join(f"{row['p']:g}" for row in study["sweep"])
+        lines += [f"- **the sweep**: P = {values}, constant, argmax "
+                  f"fed back, seeds {', '.join(map(str, study['sweep'][0]['seeds']))} (a P that is also an arm is "
+                  "the same runs)."]
+    lines += ["", "Every model is judged teacher-forced (the true previous word always fed), on the whole validation "
+              "and test sets, read two ways: the (h, c) state carried through the whole split, as the model reads "
+              "text and as the verdicts use, and reset to zeros at every window of "
+              f"{base.seq_len} words. The curves are on the *validation sample*, which the trainer evaluates every "
+              f"{study['eval_interval']} steps: the first {sample['columns']:,} tokens of each of the {sample['rows']} "
+              f"rows the validation text is cut into ({sample['targets']:,} targets scored), not the whole set. "
+              f"The {len(study['train_seconds'])} runs took {minutes:.0f} min of training in all (steps and "
+              f"validations, from their metrics.jsonl, whose clock restarts when a run is resumed); "
+              f"this command took {study['wall_seconds'] / 60:.0f} min (runs already in `{study['runs_dir']}` are "
+              "reused, not trained again).", "",
+              "## Baselines", "",
+              "| | validation | test |", "| --- | --- | --- |",
+              f"| unigram: every word predicted with its frequency in train.txt | {baseline['unigram']['valid']:.2f} | "
+              f"{baseline['unigram']['test']:.2f} |",
+              f"| untrained model (geometric mean over the seeds' initial weights) | "
+              f"{geometric_mean(baseline['untrained']['valid']):.2f} | "
+              f"{geometric_mean(baseline['untrained']['test']):.2f} |",
+              "", "A model above the unigram has learnt less than a word count; the untrained model sits near the "
+              "vocabulary size.", "", "## Results", "", "Perplexities: geometric mean over the seeds "
+              "(lowest–highest); distances: mean ± standard deviation over the seeds.", ""]
+    lines += _results_table(arms, facts, runs, baseline)
+    lines += ["", "![curves](teacher_forcing.png)", ""]
+    if study["sweep"]:
+        lines += _sweep_section(study, baseline)
+    lines += ["## Per seed", "", "Validation perplexity, state carried / reset every window.", "",
+              "| seed | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
+    per_seed = lambda arm, k: (f"{runs[arm][k]['valid_ppl']:.2f} / {runs[arm][k]['valid_ppl_reset']:.2f}"  # noqa: E731
+                               if k < len(runs[arm]) else "—")
+    lines += [f"| {seed} | " + " | ".join(per_seed(arm, k) for arm in arms) + " |" for k, seed in enumerate(seeds)]
+    lines += ["", *_neighbour_section(arms, runs, baseline)]
+    lines += [f"## Greedy samples (seed {seeds[0]})", "", "Each `<eos>` is shown as ` / `.", ""]
     for k in range(num_samples):
-        lines += [f"- {names[TF]}: {runs[TF][0]['samples'][k]!r}", f"- {names[FR]}: {runs[FR][0]['samples'][k]!r}", ""]
-    lines += ["## Conclusion", "", conclusion, ""]
+        lines += [f"- {arm}: {runs[arm][0]['samples'][k]!r}" for arm in arms] + [""]
+    lines += ["## Conclusions", ""]
+    for arm, text in conclusions.items():
+        lines += [f"**{arm}** against teacher-forced: {text} {unigram_sentence(facts[arm], baseline)}", ""]
+    lines += ["## What this does not show", "",
+              f"- One model (hidden {base.hidden_size}), one learning rate and {epochs}: longer training or a "
+              "schedule tuned per arm may change the ranking; with more seeds a smaller difference becomes "
+              "testable.",
+              "- The score is teacher-forced perplexity, the measure of a language model. Scheduled sampling is "
+              "argued for what it does to *generation* (the model reading its own words); how well each model "
+              "continues its own text is not measured here (see the sampling report for how to measure it).",
+              "- Eager fp32 on this machine: the numbers are what one reproduces with the command, not a GPU's.",
+              ""]
     path.write_text("\n".join(lines))
+
+
+def _seeds_said(arm_seeds: list[int], seeds: list[int]) -> str:
+    if arm_seeds == seeds:
+        return ""
+    return (f" Seeds {', '.join(map(str, arm_seeds))} only; it is compared with the teacher-forced runs of those "
+            "seeds.")
+
+
+def _results_table(arms: list[str], facts: dict, runs: dict, baseline: dict) -> list[str]:
+    def spread(key: str, arm: str) -> str:
+        values = [r[key] for r in runs[arm]]
+        return fmt({"mean": geometric_mean(values), "min": min(values), "max": max(values), "values": values})
+
+    def vs_tf(arm: str) -> str:
+        verdict = facts[arm]["valid_test"] if arm in facts else None
+        if arm == TF:
+            return "—"
+        if verdict is None:
+            return "no test (a seed diverged or one seed)"
+        said = f"t = {verdict['t']:.3g}, {verdict['df']} df"
+        return f"{said}: {'significant' if verdict['lower'] else 'not significant'}"
+
+    unigram = baseline["unigram"]["valid"]
+    below = lambda arm: f"{sum(r['valid_ppl'] < unigram for r in runs[arm])} of {len(runs[arm])}"
+    random = baseline["random"]
+    lines = ["| | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
+    for label, key in (("validation perplexity, state carried", "valid_ppl"),
+                       ("validation perplexity, state reset every window", "valid_ppl_reset"),
+                       ("test perplexity, state carried", "test_ppl"),
+                       ("test perplexity, state reset every window", "test_ppl_reset")):
+        lines.append(f"| {label} | " + " | ".join(spread(key, arm) for arm in arms) + " |")
+    lines.append(f"| seeds below the unigram's {unigram:.2f} (validation, carried) | "
+                 + " | ".join(below(arm) for arm in arms) + " |")
+    lines.append("| against teacher-forced: Welch's t on log validation perplexity, 5% level | "
+                 + " | ".join(vs_tf(arm) for arm in arms) + " |")
+    for pair in (next(iter(facts.values()))["pairs"] if facts else {}):
+        for matrix, key in (("input", "distances"), ("output", "output_distances")):
+            d, (mean, sd) = random[matrix]["dim"], random[matrix]["closed_form"]
+            start = [start[pair] for start in baseline["start"][matrix]]
+            lines.append(f"| cosine distance {pair}, {matrix} {'embedding' if matrix == 'input' else 'layer'} "
+                         f"(untrained: {statistics.fmean(start):.4f}; random {d}-d vectors: {mean:.0f} ± {sd:.4f}) | "
+                         + " | ".join(_mean_sd([r[key][pair] for r in runs[arm]]) for arm in arms) + " |")
+        for word in facts[arms[1]]["pairs"][pair]["fed"] if len(arms) > 1 else ():
+            times = facts[arms[1]]["pairs"][pair]["fed"][word]
+            lines.append(f"| seeds whose input vector of '{word}' moved (fed {times} times in the true text) | "
+                         + " | ".join(f"{sum(r['updated'][word] for r in runs[arm])} of {len(runs[arm])}"
+                                      for arm in arms) + " |")
+    for matrix in ("input", "output"):
+        untrained_mean, untrained_sd = random[matrix]["untrained_rows"]
+        typical = lambda arm, k: statistics.fmean(r["typical_distance"][matrix][k] for r in runs[arm])  # noqa: E731
+        lines.append(f"| typical pair of words, {matrix}: mean ± sd over 20,000 random pairs, averaged over the "
+                     f"seeds (untrained, first seed: {untrained_mean:.3f} ± {untrained_sd:.3f}) | "
+                     + " | ".join(f"{typical(arm, 0):.3f} ± {typical(arm, 1):.3f}" for arm in arms) + " |")
+    return lines
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f}" + (f" ± {sd:.4f}" if len(values) > 1 else "")
+
+
+def _sweep_section(study: dict, baseline: dict) -> list[str]:
+    unigram = baseline["unigram"]["valid"]
+    lines = ["## The sweep of P", "", "Constant P, argmax fed back; perplexities per seed, state carried (reset).", "",
+             "| P | validation | test | below the unigram |", "| --- | --- | --- | --- |"]
+    for row in study["sweep"]:
+        per_seed = lambda key: ", ".join(f"{v:.2f} ({r:.2f})" for v, r in
+                                         zip(row[key]["values"], row[f"{key}_reset"]["values"]))
+        lines.append(f"| {row['p']:g} | {per_seed('valid_ppl')} | {per_seed('test_ppl')} | "
+                     f"{row['below_unigram']} of {len(row['seeds'])} seeds |")
+    lines += ["", sweep_sentence(study["sweep"], unigram), ""]
+    return lines
+
+
+def _neighbour_section(arms: list[str], runs: dict, baseline: dict) -> list[str]:
+    untrained = baseline["neighbours_untrained"]
+    if not untrained:
+        return []
+    lines = [f"## Nearest neighbours in the output layer (seed {runs[arms[0]][0]['seed']})", "",
+             "The output layer's rows are updated at every step for every word (the softmax's gradient reaches "
+             "them all), unlike an input row, which moves only when its word is fed. Cosine similarity, 5 nearest.",
+             "", "| word | untrained | " + " | ".join(arms) + " |", "| --- | --- |" + " --- |" * len(arms)]
+    for word, near in untrained.items():
+        lines.append(f"| {word} | {', '.join(near)} | "
+                     + " | ".join(", ".join(runs[arm][0]["neighbours"][word]) for arm in arms) + " |")
+    return lines + [""]

@@ -34,20 +34,20 @@ def word_id(dictionary: Dictionary, word: str) -> int:
     raise UsageError(f"{word!r} is not in the vocabulary ({hint})")
 
 
-def _unit(vectors: Tensor) -> Tensor:
+def unit_rows(vectors: Tensor) -> Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 def cosine_distance(vectors: Tensor, a: int, b: int) -> float:
     """1 − cosine similarity of two rows."""
-    return 1.0 - float(_unit(vectors[a]) @ _unit(vectors[b]))
+    return 1.0 - float(unit_rows(vectors[a]) @ unit_rows(vectors[b]))
 
 
 def nearest(vectors: Tensor, query: Tensor, k: int, exclude: set[int]) -> list[tuple[int, float]]:
     """The k rows most cosine-similar to `query`, skipping `exclude`: (id, similarity), best first."""
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
-    similarity = _unit(vectors) @ _unit(query)
+    similarity = unit_rows(vectors) @ unit_rows(query)
     similarity[list(exclude)] = float("-inf")
     k = min(k, vectors.shape[0] - len(exclude))
     values, ids = torch.topk(similarity, k)
@@ -65,5 +65,5 @@ def analogy(vectors: Tensor, a: int, b: int, c: int, k: int = 5) -> list[tuple[i
     b̂ − â + ĉ of the unit vectors, and the similarity reported is the cosine to it. Unnormalised,
     the longest of a, b, c (often a frequent word) would set the query's direction by itself.
     """
-    unit = _unit(vectors[[a, b, c]])
+    unit = unit_rows(vectors[[a, b, c]])
     return nearest(vectors, unit[1] - unit[0] + unit[2], k, {a, b, c})

@@ -24,8 +24,10 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, amp_dtype: torch.dtype | None = None,
-             forward: EvalForward | None = None) -> float:
-    """Mean cross-entropy per token over a batchified split, the state carried across windows.
+             forward: EvalForward | None = None, carry_state: bool = True) -> float:
+    """Mean cross-entropy per token over a batchified split, the state carried across windows
+    (`carry_state=False`: every window starts from zeros, so no state older than one window is read;
+    what a state drifting over a long stream costs shows as the difference).
 
     The full-length windows run through one `EvalForward`: `forward`, one built for `data`'s
     batch size and reused across calls (the trainer captures one as a CUDA graph for the whole run),
@@ -43,9 +45,13 @@ def evaluate(model: RNNLM, data: torch.Tensor, seq_len: int, amp_dtype: torch.dt
         forward = EvalForward(model, data.shape[0], seq_len, amp_dtype)
     forward.reset()
     for inputs, targets in full:
+        if not carry_state:
+            forward.zero_state()
         forward(inputs, targets)
     total, state = forward.total, (forward.h, forward.c)
     for inputs, targets in windows[len(full):]:
+        if not carry_state:
+            state = model.init_state(data.shape[0], data.device)
         with autocast(data.device.type, amp_dtype):
             logits, state = model(inputs, state)
             total += F.cross_entropy(logits, targets.reshape(-1), reduction="sum")

@@ -71,9 +71,12 @@ class EvalForward:
         self.c.copy_(c)
 
     def reset(self) -> None:
+        self.zero_state()
+        self.total.zero_()
+
+    def zero_state(self) -> None:
         self.h.zero_()
         self.c.zero_()
-        self.total.zero_()
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.inputs.copy_(inputs)

@@ -173,7 +173,7 @@ class Run:
         if p_true >= 1.0:
             self.stepper.step(inputs, targets)
             self.fed_back = None  # the captured step returns no prediction: the next window starts from the truth
-        else:  # step by step, eagerly, in fp32
+        else:  # the words fed chosen step by step, eagerly, in fp32
             loss, state, self.fed_back = free_running_step(self.model, self.optimizer, inputs, targets,
                                                            self.stepper.state, cfg.clip, p_true,
                                                            cfg.free_running_token, self.fed_back)
