@@ -24,7 +24,7 @@ from fastlm.experiments.sampling_report import compare_sampling
 from fastlm.experiments.teacher_forcing import Arm, compare_teacher_forcing
 from fastlm.experiments.trained import load_trained
 
-DEFAULT_ARMS = ("0", "0:constant:sample:2", "1:inverse-sigmoid")
+DEFAULT_ARMS = ("0:constant:argmax:2", "0:constant:sample:2", "1:inverse-sigmoid")
 MODEL_FLAGS = ("data", "vocab_size", "embed_size", "hidden_size", "num_layers", "batch_size", "seq_len", "lr",
                "clip", "backend", "device", "seed", "eval_batch_size")
 
@@ -70,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         "teacher-forcing", parents=[common], help="teacher forcing vs free running and scheduled sampling",
         description="Train the teacher-forced model and each --arm for --seeds seeds, and the constant P of --sweep "
                     "for --sweep-seeds of them; report all against the unigram and the untrained model. The "
-                    "defaults train 23 runs of one epoch each (about 2 h at --hidden-size 256 on a 2-core CPU).")
+                    "defaults train 20 runs of one epoch each (about 1 h 40 min at --hidden-size 256 on a 2-core CPU).")
     tf.add_argument("--steps", type=int, help="optimizer steps for each model (default: one epoch)")
     tf.add_argument("--arm", action="append", metavar="P[:SCHEDULE[:TOKEN[:SEEDS]]]",
                     help="a way of training besides teacher forcing: P the probability of feeding the true word, "
                          f"its decay ({', '.join(SCHEDULES)}), the word fed otherwise (argmax or sample) and how "
                          f"many of the seeds it trains (default: all); repeatable (default: {' '.join(DEFAULT_ARMS)}: "
-                         "free running, the same with sampled words on 2 seeds, scheduled sampling)")
+                         "free running and the same with sampled words fed back, each on 2 seeds, and scheduled "
+                         "sampling)")
     tf.add_argument("--sweep", type=_probabilities, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="P,P,...",
                     help="constant P values also trained, argmax fed back, or none (default: 0,0.25,0.5,0.75,1)")
     tf.add_argument("--sweep-seeds", type=int, default=2, help="seeds of the sweep, the first of --seeds "

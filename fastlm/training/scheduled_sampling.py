@@ -48,7 +48,8 @@ def free_running_step(model, optimizer, inputs, targets, state, clip: float, tea
     Two passes: one step at a time without a graph, to choose the words fed; then the whole window
     at once on those words, as a teacher-forced window runs. The choice carries no gradient, so the
     second pass has exactly the gradient of the step-by-step graph, at about half its cost (one
-    fused LSTM call and one output-layer product instead of a graph of T small ones). With dropout
+    fused LSTM call and one output-layer product instead of a graph of T small ones; figures in
+    benchmarks/README.md). With dropout
     the two passes draw their own masks: the words fed are the predictions of the model with
     dropout, under other masks than the ones the window is trained with.
     """
