@@ -525,3 +525,50 @@ def test_a_mixed_second_arm_is_named_by_its_probability():
     names = {TF: TF, FR: "P = 0.5"}
     text = _perplexity_sentences(facts_of_runs([100.0, 101.0, 99.0], [110.0, 112.0, 111.0], names=names))
     assert "111.00 (110.00–112.00) for the P = 0.5 ones" in text and "likely reason" not in text, text
+
+
+@pytest.mark.parametrize("specs, want", [
+    (["0", "0::argmax:2"], [("teacher-forced", None), ("free-running", None)]),
+    (["0::sample:2", "0::sample:3"], [("teacher-forced", None), ("free-running (sampled)", 3)]),
+    (["1::sample", "1:linear", "0.5:inverse-sigmoid"],
+     [("teacher-forced", None), ("scheduled sampling (linear)", None),
+      ("scheduled sampling (inverse-sigmoid, from P 0.5)", None)]),
+], ids=["same-setting-all-seeds-win", "most-seeds-kept", "tf-whatever-token-and-distinct-schedules"])
+def test_arms_are_distinct_settings_with_distinct_names(specs, want):
+    from fastlm.experiments.teacher_forcing import _distinct
+    from fastlm.experiments.teacher_forcing_runs import Arm
+
+    arms = _distinct([Arm.parse(spec) for spec in specs])
+    assert [(arm.name, arm.seeds) for arm in arms] == want
+
+
+def test_a_dead_run_is_removed_but_a_live_one_is_not(tmp_path):
+    import fcntl
+
+    from fastlm.errors import TrainingError
+    from fastlm.experiments.teacher_forcing_runs import _remove_dead_run
+
+    folder = tmp_path / "seed-1234"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("{}\n")
+    with open(folder / ".lock", "a+") as held:  # a training that has not reached its first checkpoint
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainingError, match="is in use by another training"):
+            _remove_dead_run(folder)
+        assert (folder / "metrics.jsonl").exists()
+    _remove_dead_run(folder)  # its process gone, the lock with it
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("means, says", [
+    ({0.0: 1000.0, 0.5: 250.0, 1.0: 172.0}, "P = 0, 0.5 end more than 5% above teacher forcing."),
+    ({0.5: 175.0, 0.75: 173.0, 1.0: 172.0}, "Every P ends within 5% of teacher forcing."),
+    ({0.0: 1000.0, 0.9: 175.0, 1.0: 172.0}, "P = 0 end more than 5% above teacher forcing; P = 0.9 within 5% of it."),
+    ({1.0: 172.0}, "P = 1: 172.00; the unigram: 686.92."),
+], ids=["all-worse", "all-close", "mixed", "teacher-forcing-alone"])
+def test_the_sweep_sentence_says_where_feeding_own_words_stops_hurting(means, says):
+    from fastlm.experiments.teacher_forcing_conclusions import sweep_sentence
+
+    sweep = [{"p": p, "valid_ppl": {"mean": mean}} for p, mean in means.items()]
+    text = sweep_sentence(sweep, 686.92)
+    assert text.endswith(says), text
