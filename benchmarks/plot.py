@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastlm.figures import _pyplot
+from fastlm.figures import pyplot
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -23,7 +23,7 @@ def load_result(path: Path) -> dict:
 
 
 def plot(path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     data = load_result(path)
     rows = data["results"]
     groups = list(dict.fromkeys(r["group"] for r in rows))
