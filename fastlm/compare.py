@@ -48,6 +48,15 @@ def check_teacher_forcing_flags(p: ArgumentParser, base: TrainConfig, args: argp
     return arms
 
 
+def word_pairs(parser: ArgumentParser, given: list[str] | None) -> list[tuple[str, ...]]:
+    """The --pair values as word pairs (default army/taxpayer); a malformed one is a one-line usage error."""
+    pairs = [tuple(pair.split("/")) for pair in (given or ["army/taxpayer"])]
+    bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
+    if bad is not None:
+        parser.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+    return pairs
+
+
 def _probabilities(text: str) -> list[float]:
     if text.strip().lower() == "none":
         return []
@@ -116,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/compare-{args.experiment}-{stamp}")
     if args.experiment == "teacher-forcing":
         arms = check_teacher_forcing_flags(tf, base, args)
-        pairs = [tuple(pair.split("/")) for pair in (args.pair or ["army/taxpayer"])]
-        bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
-        if bad is not None:
-            tf.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+        pairs = word_pairs(tf, args.pair)
         if args.eval_tokens is not None and args.eval_tokens < 1:
             tf.error(f"--eval-tokens must be at least 1, got {args.eval_tokens}")
         if args.target_ppl is not None and not 1 < args.target_ppl < math.inf:
@@ -181,10 +187,7 @@ def trained_model_report(parser: ArgumentParser, args: argparse.Namespace) -> in
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       show=args.show, note=args.note)
     else:
-        pairs = [tuple(pair.split("/")) for pair in (args.pair or ["army/taxpayer"])]
-        bad = next((pair for pair in pairs if len(pair) != 2 or not all(pair)), None)
-        if bad is not None:
-            parser.error(f"--pair {'/'.join(bad)}: give two words joined by one slash, e.g. army/taxpayer")
+        pairs = word_pairs(parser, args.pair)
         checkpoints = [load_trained(path, args.data, device) for path in args.checkpoint]
         with removed_if_left_empty(out):
             report = compare_embedding(checkpoints, out, pairs, args.word or PROBE_WORDS, k=args.k,
